@@ -1,0 +1,70 @@
+"""Errors a user can act on, each with its documented exit code.
+
+Anything raised as a `PrvrError` is printed as one line on stderr and the
+process exits with `exit_code`; anything else is a bug and exits 1.
+"""
+from __future__ import annotations
+
+
+class ExitCode:
+    OK = 0
+    INTERNAL = 1          # a bug: please report it with the traceback (PRVR_DEBUG=1)
+    USAGE = 2             # bad flag or argument value
+    PARTIAL = 3           # ingest finished, but some input files failed
+    NO_INDEX = 4          # index missing or empty
+    MISMATCH = 5          # index built with another encoder/model than the one asked for
+    LOCKED = 6            # another prvr process is writing this index
+    CORRUPT = 7           # index or checkpoint unreadable, or from a newer format version
+    WEIGHTS = 8           # CLIP weights cannot be loaded (not cached, no network)
+    DATA = 9              # bad training data: missing files, captions without features, wrong dims
+    DISK = 10             # out of disk space or write error
+    INTERRUPTED = 130     # Ctrl-C
+
+
+class PrvrError(Exception):
+    """An error with a one-line message for the user and an exit code."""
+
+    exit_code = ExitCode.INTERNAL
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class UsageError(PrvrError):
+    exit_code = ExitCode.USAGE
+
+
+class IndexMissingError(PrvrError):
+    exit_code = ExitCode.NO_INDEX
+
+
+class MismatchError(PrvrError):
+    exit_code = ExitCode.MISMATCH
+
+
+class LockedError(PrvrError):
+    exit_code = ExitCode.LOCKED
+
+
+class CorruptError(PrvrError):
+    exit_code = ExitCode.CORRUPT
+
+
+class WeightsError(PrvrError):
+    exit_code = ExitCode.WEIGHTS
+
+
+class DataError(PrvrError):
+    exit_code = ExitCode.DATA
+
+
+class DiskError(PrvrError):
+    exit_code = ExitCode.DISK
+
+
+class DecodeError(PrvrError):
+    """One input video could not be decoded; ingest reports it and moves on."""
+
+    exit_code = ExitCode.PARTIAL

@@ -1,0 +1,117 @@
+"""Tensor building blocks shared by ProtoPRVR, the baselines and the zero-shot builder.
+
+Every function here is batched: videos of different lengths arrive padded to a
+common length `T` with a boolean mask, and nothing loops over samples in Python.
+
+The *token-to-frame* matrices returned here let any attention over tokens
+(frame bins, clip bins or clip spans) be mapped back to the original frames:
+`attn_over_frames = attn_over_tokens @ token_to_frame`. Each row of such a matrix
+sums to one, so attention mass is preserved.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def uniform_bins(lengths: torch.Tensor, n_bins: int, t_max: int) -> torch.Tensor:
+    """Matrix [B, n_bins, t_max] averaging each video's frames into `n_bins` uniform bins.
+
+    Bin i of a video with T frames covers frames [floor(i*T/n), floor((i+1)*T/n)).
+    When T < n_bins a bin takes the nearest single frame (frames repeat), so a
+    clip sequence always has exactly `n_bins` tokens.
+    """
+    device = lengths.device
+    T = lengths.to(torch.float64).clamp(min=1).view(-1, 1)                # [B, 1]
+    i = torch.arange(n_bins, device=device, dtype=torch.float64).view(1, -1)
+    start = torch.floor(i * T / n_bins)                                     # [B, n]
+    end = torch.maximum(torch.floor((i + 1) * T / n_bins), start + 1)
+    t = torch.arange(t_max, device=device, dtype=torch.float64).view(1, 1, -1)
+    inside = (t >= start.unsqueeze(-1)) & (t < end.unsqueeze(-1))           # [B, n, t]
+    weights = inside.to(torch.float32)
+    return weights / weights.sum(-1, keepdim=True).clamp(min=1.0)
+
+
+def downsample_frames(lengths: torch.Tensor, max_tokens: int, t_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frame-branch pooling: at most `max_tokens` tokens, mean-pooled when longer, never upsampled.
+
+    Returns the pooling matrix [B, max_tokens, t_max] and the token mask [B, max_tokens].
+    A video with T <= max_tokens keeps its frames one-to-one (extra tokens masked).
+    """
+    device = lengths.device
+    n_tokens = lengths.clamp(min=1, max=max_tokens)                          # [B]
+    T = lengths.to(torch.float64).clamp(min=1).view(-1, 1)
+    n = n_tokens.to(torch.float64).view(-1, 1)
+    i = torch.arange(max_tokens, device=device, dtype=torch.float64).view(1, -1)
+    start = torch.floor(i * T / n)
+    end = torch.maximum(torch.floor((i + 1) * T / n), start + 1)
+    t = torch.arange(t_max, device=device, dtype=torch.float64).view(1, 1, -1)
+    mask = torch.arange(max_tokens, device=device).view(1, -1) < n_tokens.view(-1, 1)
+    inside = (t >= start.unsqueeze(-1)) & (t < end.unsqueeze(-1)) & mask.unsqueeze(-1)
+    weights = inside.to(torch.float32)
+    return weights / weights.sum(-1, keepdim=True).clamp(min=1.0), mask
+
+
+def span_index(n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Start and end (inclusive) of every contiguous span over `n_tokens` tokens.
+
+    Ordered by length, then start: n spans of length 1, n-1 of length 2, ... 1 of
+    length n; n(n+1)/2 in all (528 for 32 tokens).
+    """
+    starts, ends = [], []
+    for length in range(1, n_tokens + 1):
+        s = torch.arange(0, n_tokens - length + 1)
+        starts.append(s)
+        ends.append(s + length - 1)
+    return torch.cat(starts), torch.cat(ends)
+
+
+def span_means(tokens: torch.Tensor) -> torch.Tensor:
+    """Mean of every contiguous span of `tokens` [B, N, D] -> [B, N(N+1)/2, D], by prefix sums."""
+    n = tokens.shape[1]
+    start, end = span_index(n)
+    start, end = start.to(tokens.device), end.to(tokens.device)
+    prefix = torch.cat([tokens.new_zeros(tokens.shape[0], 1, tokens.shape[2]), tokens.cumsum(1)], dim=1)
+    sums = prefix[:, end + 1] - prefix[:, start]
+    return sums / (end - start + 1).to(tokens.dtype).view(1, -1, 1)
+
+
+def span_to_token(n_tokens: int, device=None) -> torch.Tensor:
+    """Matrix [N(N+1)/2, N]: each span spreads its weight evenly over the tokens it covers."""
+    start, end = span_index(n_tokens)
+    t = torch.arange(n_tokens).view(1, -1)
+    inside = (t >= start.view(-1, 1)) & (t <= end.view(-1, 1))
+    weights = inside.to(torch.float32)
+    return (weights / weights.sum(-1, keepdim=True)).to(device)
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None, dim: int = -1) -> torch.Tensor:
+    """Softmax that gives zero weight where `mask` is False (mask broadcasts against scores)."""
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Mean of `x` over `dim`, counting only positions where `mask` is True."""
+    m = mask.to(x.dtype).unsqueeze(-1)
+    return (x * m).sum(dim) / m.sum(dim).clamp(min=1.0)
+
+
+class InputProjection(nn.Sequential):
+    """LayerNorm -> dropout -> linear -> ReLU: the feature projection used by MS-SL and its successors."""
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.1):
+        super().__init__(nn.LayerNorm(in_dim), nn.Dropout(dropout), nn.Linear(in_dim, out_dim), nn.ReLU())
+
+
+class AttentionPool(nn.Module):
+    """Pools a masked token sequence [B, L, D] into one vector [B, D] with a learned scoring head."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.score = nn.Linear(dim, 1)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        weights = masked_softmax(self.score(tokens).squeeze(-1), mask)
+        return torch.einsum("bl,bld->bd", weights, tokens)

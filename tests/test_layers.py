@@ -1,0 +1,39 @@
+import torch
+
+from prvr_cli import layers
+
+
+def test_span_means_match_direct_computation():
+    x = torch.randn(2, 32, 5)
+    spans = layers.span_means(x)
+    assert spans.shape == (2, 528, 5)
+    start, end = layers.span_index(32)
+    for k in [0, 31, 32, 100, 527]:
+        direct = x[:, start[k]:end[k] + 1].mean(1)
+        assert torch.allclose(spans[:, k], direct, atol=1e-5)
+
+
+def test_uniform_bins_average_and_repeat():
+    frames = torch.arange(10, dtype=torch.float32).view(1, 10, 1).repeat(2, 1, 1)
+    lengths = torch.tensor([10, 3])
+    w = layers.uniform_bins(lengths, 5, 10)
+    assert torch.allclose(w.sum(-1), torch.ones(2, 5))
+    pooled = w @ frames
+    assert pooled[0, :, 0].tolist() == [0.5, 2.5, 4.5, 6.5, 8.5]
+    assert pooled[1, :, 0].tolist() == [0.0, 0.0, 1.0, 1.0, 2.0]  # short video: nearest frames repeat
+    assert (w[1, :, 3:] == 0).all()
+
+
+def test_downsample_frames_never_upsamples():
+    w, mask = layers.downsample_frames(torch.tensor([300, 7]), 128, 300)
+    assert mask[0].all() and mask[1].sum() == 7
+    assert torch.allclose(w[1, :7, :7], torch.eye(7))
+    assert torch.allclose(w[0].sum(-1), torch.ones(128))
+    assert (w[1, 7:] == 0).all()
+
+
+def test_span_to_token_rows_sum_to_one():
+    m = layers.span_to_token(32)
+    assert m.shape == (528, 32)
+    assert torch.allclose(m.sum(-1), torch.ones(528))
+    assert m[527].eq(1 / 32).all()

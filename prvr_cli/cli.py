@@ -1,0 +1,368 @@
+"""The `prvr` command line: thin wrappers that resolve settings and call the pipeline stages.
+
+Results go to stdout, progress and logs to stderr. Errors are one line on stderr
+and a documented exit code (see prvr_cli.errors.ExitCode and the README).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import settings
+from .errors import ExitCode, IndexMissingError, MismatchError, PrvrError, UsageError
+from .output import IngestProgress, fmt_bytes, fmt_time, print_search, stderr, write_line
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
+                  help="Search a local video library with natural language (partially relevant video retrieval).")
+
+IndexOpt = typer.Option(None, "--index", help="Index folder [env PRVR_INDEX; default $XDG_DATA_HOME/prvr/index].")
+DeviceOpt = typer.Option(None, "--device", help="auto, cpu or cuda [env PRVR_DEVICE; default auto].")
+ClipModelOpt = typer.Option(None, "--clip-model", help="open_clip model name or model-config .json "
+                            "[env PRVR_CLIP_MODEL; default: the index's, else ViT-B-32].")
+ClipPretrainedOpt = typer.Option(None, "--clip-pretrained", help="Pretrained tag, local checkpoint file, or none "
+                                 "[env PRVR_CLIP_PRETRAINED; default: the index's, else openai].")
+ModelOpt = typer.Option(None, "--model", help="Checkpoint from `prvr train` [env PRVR_MODEL; default: the index's, "
+                        "else zero-shot CLIP prototypes].")
+
+
+def _index_path(flag: Optional[Path]) -> Path:
+    return Path(settings.resolve("index", str(flag) if flag else None)).expanduser()
+
+
+def _builder(model: Optional[str], encoder_spec: dict, device: str):
+    """The prototype builder: a trained checkpoint, or zero-shot CLIP prototypes."""
+    from .prototypes import TrainedPrototypes, ZeroShotPrototypes
+
+    if not model or model == "zero-shot":
+        return ZeroShotPrototypes()
+    builder = TrainedPrototypes.load(model, encoder_spec, device=device)
+    if builder.meta["method"] != "protoprvr":
+        raise UsageError(f"--model {model}: ingest stores prototypes, so it needs a ProtoPRVR checkpoint, "
+                         f"not {builder.meta['method']}")
+    return builder
+
+
+@app.command()
+def ingest(
+    paths: List[Path] = typer.Argument(..., help="Video files or folders (searched recursively)."),
+    index: Optional[Path] = IndexOpt,
+    glob: Optional[str] = typer.Option(None, "--glob", help="Only files whose name or relative path matches."),
+    fps: Optional[float] = typer.Option(None, "--fps", help="Frames sampled per second [default 3]."),
+    clip_model: Optional[str] = ClipModelOpt,
+    clip_pretrained: Optional[str] = ClipPretrainedOpt,
+    model: Optional[str] = ModelOpt,
+    device: Optional[str] = DeviceOpt,
+    workers: Optional[int] = typer.Option(None, "--workers", help="Decoding threads [default min(4, cores)]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Frames per encoder batch [default 64]."),
+    prune: bool = typer.Option(False, "--prune", help="Forget indexed videos whose files are gone."),
+    decode_timeout: Optional[float] = typer.Option(None, "--decode-timeout",
+                                                   help="Give up on one file after this many seconds [default none]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """Index videos: decode, encode frames with CLIP, build prototypes, store them."""
+    import numpy as np
+
+    from .discover import discover
+    from .encode import ClipEncoder, describe, fingerprint, pick_device
+    from .ingest import make_plan, run_ingest
+    from .store import Index
+
+    fps = settings.resolve("fps", fps, float)
+    workers = settings.resolve("workers", workers, int)
+    batch_size = settings.resolve("batch_size", batch_size, int)
+    if not 0 < fps <= 60:
+        raise UsageError(f"--fps {fps}: use a rate between 0 and 60 frames per second")
+    if workers < 1 or batch_size < 1:
+        raise UsageError("--workers and --batch-size must be at least 1")
+    files = discover(paths, glob)
+    if not files:
+        stderr.print(f"warning: no video files found under {', '.join(map(str, paths))}")
+    idx = Index.open(_index_path(index), create=True)
+    with idx.lock():
+        # flag > PRVR_* > config file > what the index was built with > built-in default
+        recorded = idx.encoder_spec["source"] if idx.encoder_spec else {}
+        model_name = settings.resolve("clip_model", clip_model, default=recorded.get("clip_model"))
+        pretrained = settings.resolve("clip_pretrained", clip_pretrained,
+                                      default=(recorded.get("clip_pretrained") or "none") if recorded else None)
+        identity, _ = describe(model_name, pretrained)
+        if idx.encoder_spec and fingerprint(identity) != idx.encoder_spec["fingerprint"]:
+            old = idx.encoder_spec
+            raise MismatchError(f"index {idx.root} holds features of CLIP {old['clip_model']}/{old['clip_pretrained']}, "
+                                f"not {identity['clip_model']}/{identity['clip_pretrained']}; use the same encoder "
+                                "or another --index")
+        recorded_model = (idx.builder_spec or {}).get("checkpoint")
+        model = settings.resolve("model", model, default=recorded_model)
+        device = pick_device(settings.resolve("device", device))
+        idx.repair()
+        plan = make_plan(files, idx.file_states(), prune, workers)
+        encoder = None
+        if plan.encode or not idx.encoder_spec:
+            encoder = ClipEncoder.load(model_name, pretrained, device, cache_dir=str(settings.cache_home() / "clip"))
+        enc_spec = encoder.spec() if encoder else idx.encoder_spec
+        builder = _builder(model, enc_spec, device)
+        if encoder is not None or idx.builder_spec is None:
+            proto_dim = int(builder.build(np.zeros((2, enc_spec["dim"]), np.float32)).clip.shape[1])
+            idx.bind(enc_spec, builder.spec(), proto_dim)
+        elif idx.builder_spec["fingerprint"] != builder.spec()["fingerprint"]:
+            idx.bind(enc_spec, builder.spec(), idx.meta["proto_dim"])  # raises the mismatch message
+        show = not quiet and stderr.is_terminal
+        with IngestProgress(len(plan.encode), enabled=show and bool(plan.encode)) as progress:
+            summary = run_ingest(idx, plan, encoder, builder, fps=fps, workers=workers, batch_size=batch_size,
+                                 progress=progress, decode_timeout=decode_timeout)
+            if not show:
+                for err in summary.errors:
+                    stderr.print(f"error: {err['error']}", markup=False, soft_wrap=True)
+        if summary.new or summary.changed or summary.moved or summary.pruned:
+            idx.optimize()
+    stderr.print(summary.line(), markup=False)
+    if as_json:
+        write_line(json.dumps({"index": str(idx.root), **summary.as_dict()}))
+    if summary.failed:
+        raise typer.Exit(ExitCode.PARTIAL)
+
+
+def _read_queries(query: str) -> list[str]:
+    if query == "-":
+        if sys.stdin.isatty():
+            stderr.print("reading queries from stdin, one per line (Ctrl-D to finish)")
+        queries = [line.strip() for line in sys.stdin if line.strip()]
+        if not queries:
+            raise UsageError("no queries on stdin; give one query per line")
+        return queries
+    if not query.strip():
+        raise UsageError("empty query; describe the moment you are looking for, e.g. prvr search \"a dog catches a frisbee\"")
+    return [query.strip()]
+
+
+MAX_QUERY_CHARS = 2000
+
+
+@app.command()
+def search(
+    query: str = typer.Argument(..., help="What happens in the moment you look for; - reads one query per line from stdin."),
+    index: Optional[Path] = IndexOpt,
+    top_k: Optional[int] = typer.Option(None, "-k", "--top-k", help="Number of videos to return [default 10]."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+    as_jsonl: bool = typer.Option(False, "--jsonl", help="One JSON object per hit (with its query) per line."),
+    paths_only: bool = typer.Option(False, "--paths-only", help="Only the video paths, best first."),
+    nul: bool = typer.Option(False, "-0", "--null", help="With --paths-only: separate paths with NUL, not newline."),
+    clip_model: Optional[str] = ClipModelOpt,
+    clip_pretrained: Optional[str] = ClipPretrainedOpt,
+    model: Optional[str] = ModelOpt,
+    device: Optional[str] = DeviceOpt,
+):
+    """Rank indexed videos for a query, with the time ranges that match it."""
+    from .encode import ClipEncoder, describe, fingerprint
+    from .search import attach_highlights, rank
+    from .store import Index
+
+    if sum([as_json, as_jsonl, paths_only]) > 1:
+        raise UsageError("choose one of --json, --jsonl and --paths-only")
+    if nul and not paths_only:
+        raise UsageError("-0/--null goes with --paths-only")
+    k = settings.resolve("top_k", top_k, int)
+    if not 1 <= k <= 10000:
+        raise UsageError(f"-k {k}: ask for between 1 and 10000 results")
+    queries = _read_queries(query)
+    for q in queries:
+        if len(q) > MAX_QUERY_CHARS:
+            raise UsageError(f"query of {len(q)} characters is too long (at most {MAX_QUERY_CHARS}); describe one moment")
+    idx = Index.open(_index_path(index))
+    if idx.count() == 0 or idx.encoder_spec is None:
+        raise IndexMissingError(f"index {idx.root} is empty; add videos with `prvr ingest PATH`")
+    enc_spec, builder_spec = idx.encoder_spec, idx.builder_spec
+    if clip_model or clip_pretrained:
+        identity, _ = describe(clip_model or enc_spec["source"]["clip_model"],
+                               clip_pretrained or enc_spec["source"]["clip_pretrained"] or "none")
+        if fingerprint(identity) != enc_spec["fingerprint"]:
+            raise MismatchError(f"index {idx.root} was built with CLIP {enc_spec['clip_model']}/"
+                                f"{enc_spec['clip_pretrained']}, not {identity['clip_model']}/{identity['clip_pretrained']}; "
+                                "search it without --clip-model/--clip-pretrained or use another --index")
+    dev = settings.resolve("device", device)
+    encoder = ClipEncoder.load(enc_spec["source"]["clip_model"], enc_spec["source"]["clip_pretrained"] or "none",
+                               dev, cache_dir=str(settings.cache_home() / "clip"))
+    requested = settings.resolve("model", model)
+    builder = _builder(requested or builder_spec.get("checkpoint"), encoder.spec(), encoder.device)
+    if builder.spec()["fingerprint"] != builder_spec["fingerprint"]:
+        from .store import describe_builder
+        raise MismatchError(f"index {idx.root} holds prototypes from {describe_builder(builder_spec)}, not "
+                            f"{describe_builder(builder.spec())}; search without --model or run `prvr reindex --model`")
+    paths, clip, frame = idx.search_matrices()
+    q_clip, q_frame = builder.encode_queries(encoder, queries)
+    weights = tuple(builder_spec["branch_weights"])
+    ranked = rank(paths, clip, frame, q_clip, q_frame, weights, k)
+    rows = idx.rows(sorted({h.path for hits in ranked for h in hits}),
+                    ["timestamps", "attn_clip", "attn_frame", "duration", "fps"])
+    for hits in ranked:
+        attach_highlights(hits, rows, weights)
+    fmt = "json" if as_json else "jsonl" if as_jsonl else "paths" if paths_only else \
+        "table" if sys.stdout.isatty() else "tsv"
+    print_search(list(zip(queries, ranked)), fmt, nul)
+
+
+@app.command("list")
+def list_videos(
+    index: Optional[Path] = IndexOpt,
+    as_json: bool = typer.Option(False, "--json", help="JSON Lines, one object per video."),
+):
+    """What is indexed: one line per video, then totals on stderr."""
+    from .store import Index
+
+    idx = Index.open(_index_path(index))
+    table = idx.videos
+    if table is None:
+        rows = []
+    else:
+        rows = table.to_arrow().select(["path", "duration", "n_frames", "size", "ingested_at"]).to_pylist()
+    rows.sort(key=lambda r: r["path"])
+    if as_json:
+        for r in rows:
+            write_line(json.dumps({"path": r["path"], "duration": round(r["duration"], 3), "frames": r["n_frames"],
+                                   "size": r["size"], "ingested_at": r["ingested_at"]}, ensure_ascii=False))
+    elif sys.stdout.isatty():
+        from rich.table import Table
+
+        from .output import stdout_console
+        t = Table()
+        for col, just in (("video", "left"), ("duration", "right"), ("frames", "right"), ("size", "right")):
+            t.add_column(col, justify=just, overflow="fold")
+        for r in rows:
+            t.add_row(r["path"], fmt_time(r["duration"]), str(r["n_frames"]), fmt_bytes(r["size"]))
+        stdout_console().print(t)
+    else:
+        for r in rows:
+            write_line(f"{r['path']}\t{r['duration']:.2f}\t{r['n_frames']}\t{r['size']}")
+    total = sum(r["duration"] for r in rows)
+    stderr.print(f"{len(rows)} videos, {fmt_time(total)} of video, {sum(r['n_frames'] for r in rows)} frames, "
+                 f"{fmt_bytes(sum(r['size'] for r in rows))} of files; index uses {fmt_bytes(_du(idx.root))}",
+                 markup=False)
+
+
+def _du(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+@app.command()
+def info(
+    index: Optional[Path] = IndexOpt,
+    as_json: bool = typer.Option(False, "--json", help="As one JSON object."),
+):
+    """Where the index is, what built it, and its table versions."""
+    from .store import Index, describe_builder
+
+    idx = Index.open(_index_path(index))
+    enc, builder = idx.encoder_spec or {}, idx.builder_spec or {}
+    data = {"index": str(idx.root), "format": idx.meta["format"], "videos": idx.count(),
+            "disk_bytes": _du(idx.root), "encoder": enc, "builder": builder, "table_versions": idx.versions(),
+            "config_file": str(settings.config_path()), "cache": str(settings.cache_home())}
+    if as_json:
+        write_line(json.dumps(data))
+        return
+    write_line(f"index      {data['index']}")
+    write_line(f"format     {data['format']}")
+    write_line(f"videos     {data['videos']}")
+    write_line(f"disk       {fmt_bytes(data['disk_bytes'])}")
+    write_line(f"encoder    {enc.get('clip_model', '-')} / {enc.get('clip_pretrained', '-')} "
+               f"(dim {enc.get('dim', '-')}, fingerprint {enc.get('fingerprint', '-')})")
+    write_line(f"model      {describe_builder(builder)}; {builder.get('n_prototypes', '-')} prototypes per branch, "
+               f"branch weights {builder.get('branch_weights', '-')}")
+    write_line(f"tables     " + ", ".join(f"{k} v{v}" for k, v in data["table_versions"].items()))
+    write_line(f"config     {data['config_file']}")
+    write_line(f"cache      {data['cache']}")
+
+
+@app.command()
+def reindex(
+    model: str = typer.Option(..., "--model", help="Checkpoint from `prvr train`, or zero-shot."),
+    index: Optional[Path] = IndexOpt,
+    device: Optional[str] = DeviceOpt,
+):
+    """Rebuild every video's prototypes with another model, from stored frame features (no decoding)."""
+    from .encode import pick_device
+    from .ingest import reindex as rebuild
+    from .store import Index
+
+    idx = Index.open(_index_path(index))
+    if idx.encoder_spec is None or idx.count() == 0:
+        raise IndexMissingError(f"index {idx.root} is empty; add videos with `prvr ingest PATH`")
+    with idx.lock():
+        builder = _builder(model, idx.encoder_spec, pick_device(settings.resolve("device", device)))
+        n = idx.count()
+        with IngestProgress(n, enabled=stderr.is_terminal) as progress:
+            rows = rebuild(idx, builder, progress)
+        proto_dim = int(rows[0]["proto_clip"].shape[1])
+        idx.rebind_builder(builder.spec(), proto_dim)
+        idx.recreate_videos_table(rows)
+        idx.optimize()
+    stderr.print(f"rebuilt prototypes of {len(rows)} videos with {builder.spec()['fingerprint']}", markup=False)
+
+
+def _register_optional_commands() -> None:
+    """Commands that live in their own modules."""
+    try:
+        from .cli_train import train_command
+    except ImportError:
+        return
+    app.command("train")(train_command)
+
+
+_register_optional_commands()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app, turn known errors into one line and an exit code."""
+    import click
+
+    import warnings
+
+    warnings.showwarning = lambda message, *args, **kwargs: stderr.print(f"prvr: warning: {message}", markup=False)
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="prvr", standalone_mode=False)
+        code = 0
+    except PrvrError as e:
+        stderr.print(f"prvr: error: {e}", markup=False, highlight=False, soft_wrap=True)
+        code = e.exit_code
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    except click.ClickException as e:
+        e.show(file=sys.stderr)
+        code = ExitCode.USAGE
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        stderr.print("prvr: interrupted; finished videos are kept", markup=False)
+        code = ExitCode.INTERRUPTED
+    except BrokenPipeError:
+        code = 0
+    except Exception as e:
+        if os.environ.get("PRVR_DEBUG"):
+            raise
+        stderr.print(f"prvr: internal error: {type(e).__name__}: {e} (set PRVR_DEBUG=1 for the traceback and "
+                     "report it)", markup=False, soft_wrap=True)
+        code = ExitCode.INTERNAL
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        code = code or 0
+    finally:
+        # stdout may be a closed pipe (`prvr search ... | head`): silence the final flush at exit
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except OSError:
+            pass
+    return code
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

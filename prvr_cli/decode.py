@@ -1,0 +1,106 @@
+"""Stage 2: decode a video into frames sampled at a fixed rate, streamed in chunks.
+
+decord resizes while decoding (short side to the encoder's input size), so only
+small frames ever reach Python; a center crop gives the square the encoder wants.
+Timestamps come from the container (per-frame presentation times), so variable
+frame rate video is sampled at the right moments.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .errors import DecodeError
+
+
+@dataclass
+class VideoInfo:
+    path: Path
+    n_frames: int            # frames in the file
+    native_fps: float
+    duration: float          # seconds
+    width: int
+    height: int
+
+
+@dataclass
+class FrameChunk:
+    """Consecutive sampled frames of one video: uint8 [n, size, size, 3] and their times in seconds."""
+
+    frames: np.ndarray
+    timestamps: np.ndarray
+
+
+def _reader(path: Path, width: int = -1, height: int = -1):
+    import decord
+
+    try:
+        return decord.VideoReader(str(path), ctx=decord.cpu(0), width=width, height=height, num_threads=1)
+    except Exception as e:  # decord raises its own DECORDError and RuntimeError for every kind of bad file
+        raise DecodeError(f"{path}: cannot decode ({_reason(e)})") from e
+
+
+def _reason(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    first = next((line for line in text if line.strip()), type(e).__name__)
+    return first[:160]
+
+
+def probe(path: Path) -> tuple[VideoInfo, np.ndarray]:
+    """Read the stream's metadata and per-frame start times without decoding the video."""
+    if path.stat().st_size == 0:
+        raise DecodeError(f"{path}: empty file (0 bytes)")
+    vr = _reader(path)
+    n = len(vr)
+    if n == 0:
+        raise DecodeError(f"{path}: no video frames")
+    try:
+        stamps = np.asarray(vr.get_frame_timestamp(np.arange(n)), dtype=np.float64)
+        height, width = vr[0].shape[:2]
+    except Exception as e:
+        raise DecodeError(f"{path}: cannot decode ({_reason(e)})") from e
+    starts = stamps[:, 0]
+    duration = float(stamps[-1, 1]) if stamps[-1, 1] > stamps[-1, 0] else float(starts[-1] + 1 / max(vr.get_avg_fps(), 1e-3))
+    info = VideoInfo(path, n, float(vr.get_avg_fps()), max(duration, 1e-3), int(width), int(height))
+    return info, starts
+
+
+def sample_times(duration: float, fps: float) -> np.ndarray:
+    """Sampling instants: the centres of consecutive 1/fps windows covering the video (at least one)."""
+    n = max(1, int(math.floor(duration * fps + 1e-6)))
+    return (np.arange(n) + 0.5) / fps
+
+
+def resize_dims(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """Output width and height with the short side scaled to `short_side`, aspect kept."""
+    scale = short_side / min(width, height)
+    return max(short_side, round(width * scale)), max(short_side, round(height * scale))
+
+
+def decode_frames(path: Path, fps: float, size: int, chunk: int = 64) -> tuple[VideoInfo, Iterator[FrameChunk]]:
+    """Probe `path`, then stream its frames sampled at `fps`, center-cropped to size x size, in chunks.
+
+    Memory stays bounded by one chunk whatever the video's length.
+    """
+    info, starts = probe(path)
+    times = sample_times(info.duration, fps)
+    indices = np.clip(np.searchsorted(starts, times, side="right") - 1, 0, info.n_frames - 1)
+
+    def chunks() -> Iterator[FrameChunk]:
+        w, h = resize_dims(info.width, info.height, size)
+        vr = _reader(path, w, h)
+        for lo in range(0, len(indices), chunk):
+            idx = indices[lo:lo + chunk]
+            try:
+                batch = vr.get_batch(idx.tolist()).asnumpy()
+            except Exception as e:
+                raise DecodeError(f"{path}: decoding failed near {times[lo]:.1f}s ({_reason(e)})") from e
+            top, left = (batch.shape[1] - size) // 2, (batch.shape[2] - size) // 2
+            frames = np.ascontiguousarray(batch[:, top:top + size, left:left + size])
+            yield FrameChunk(frames, times[lo:lo + chunk].astype(np.float32))
+
+    return info, chunks()

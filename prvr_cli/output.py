@@ -1,0 +1,98 @@
+"""Everything the CLI prints: results on stdout (table, TSV, JSON, JSON Lines, paths), progress and logs on stderr."""
+from __future__ import annotations
+
+import json
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def stdout_console() -> Console:
+    return Console(highlight=False, soft_wrap=False)
+
+
+def fmt_time(seconds: float) -> str:
+    m, s = divmod(max(0.0, seconds), 60)
+    return f"{int(m)}:{s:04.1f}"
+
+
+def fmt_ranges(ranges: list[dict]) -> str:
+    return ", ".join(f"{fmt_time(r['start'])}-{fmt_time(r['end'])}" for r in ranges)
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def write_line(text: str = "", end: str = "\n") -> None:
+    sys.stdout.write(text + end)
+
+
+def print_search(results: list[tuple[str, list]], fmt: str, nul: bool = False) -> None:
+    """results: [(query, [Hit, ...]), ...] in the order asked."""
+    if fmt == "json":
+        docs = [{"query": q, "results": [h.as_dict() for h in hits]} for q, hits in results]
+        write_line(json.dumps(docs[0] if len(docs) == 1 else docs, ensure_ascii=False))
+    elif fmt == "jsonl":
+        for q, hits in results:
+            for h in hits:
+                write_line(json.dumps({"query": q, **h.as_dict()}, ensure_ascii=False))
+    elif fmt == "paths":
+        for _, hits in results:
+            for h in hits:
+                write_line(h.path, end="\0" if nul else "\n")
+    elif fmt == "tsv":
+        for q, hits in results:
+            for h in hits:
+                ranges = ",".join(f"{r['start']:.2f}-{r['end']:.2f}" for r in h.highlights)
+                write_line("\t".join([q, str(h.rank), f"{h.score:.4f}", h.path, ranges]) if len(results) > 1
+                           else "\t".join([str(h.rank), f"{h.score:.4f}", h.path, ranges]))
+    else:
+        console = stdout_console()
+        for q, hits in results:
+            table = Table(title=f"[bold]{q}[/]", title_justify="left", show_lines=False)
+            table.add_column("#", justify="right", style="dim")
+            table.add_column("score", justify="right")
+            table.add_column("video", overflow="fold")
+            table.add_column("highlights (m:ss)", overflow="fold", style="cyan")
+            for h in hits:
+                table.add_row(str(h.rank), f"{h.score:.4f}", h.path, fmt_ranges(h.highlights))
+            console.print(table)
+
+
+class IngestProgress:
+    """A rich progress bar on stderr: videos done, frames encoded, frames per second, and errors as they come."""
+
+    def __init__(self, total_videos: int, enabled: bool = True):
+        self.progress = Progress(
+            TextColumn("[bold]ingest[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("videos"),
+            TextColumn("{task.fields[frames]} frames"), TextColumn("{task.fields[rate]:.1f} frames/s"),
+            TimeElapsedColumn(), console=stderr, disable=not enabled, transient=False)
+        self.task = self.progress.add_task("ingest", total=total_videos, frames=0, rate=0.0)
+        self.frames = 0
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def frames_done(self, n: int) -> None:
+        self.frames += n
+        elapsed = self.progress.tasks[0].elapsed or 1e-9
+        self.progress.update(self.task, frames=self.frames, rate=self.frames / elapsed)
+
+    def video_done(self) -> None:
+        self.progress.advance(self.task)
+
+    def error(self, message: str) -> None:
+        self.progress.console.print(f"[red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)

@@ -1,0 +1,112 @@
+"""Stage 6: rank indexed videos for a query and read highlights from the best prototype's attention.
+
+A video's score per branch is the max cosine between the query vector and that
+video's Lp prototypes; the final score is the weighted sum of the two branches.
+All prototypes of the index sit in one [N * Lp, D] matrix per branch, so scoring
+is one matrix product per branch (taken in large blocks to bound memory).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+BLOCK_ROWS = 1 << 18  # prototypes per matrix-product block (float32 copy of at most 256k x D)
+
+
+def branch_scores(protos: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """protos [N, Lp, D] (any float dtype), queries [Q, D] -> (max score [Q, N], argmax prototype [Q, N])."""
+    n, lp, d = protos.shape
+    flat = protos.reshape(n * lp, d)
+    q = np.ascontiguousarray(queries, dtype=np.float32).T
+    best = np.empty((queries.shape[0], n), dtype=np.float32)
+    arg = np.empty((queries.shape[0], n), dtype=np.int32)
+    rows_per_block = max(lp, (BLOCK_ROWS // lp) * lp)
+    for lo in range(0, n * lp, rows_per_block):
+        block = np.asarray(flat[lo:lo + rows_per_block], dtype=np.float32) @ q       # [rows, Q]
+        block = block.T.reshape(queries.shape[0], -1, lp)                            # [Q, videos, Lp]
+        v0 = lo // lp
+        best[:, v0:v0 + block.shape[1]] = block.max(-1)
+        arg[:, v0:v0 + block.shape[1]] = block.argmax(-1)
+    return best, arg
+
+
+@dataclass
+class Hit:
+    rank: int
+    score: float
+    path: str
+    clip_score: float
+    frame_score: float
+    clip_prototype: int
+    frame_prototype: int
+    duration: float = 0.0
+    highlights: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"rank": self.rank, "score": round(self.score, 6), "path": self.path,
+                "duration": round(self.duration, 3), "highlights": self.highlights,
+                "branch_scores": {"clip": round(self.clip_score, 6), "frame": round(self.frame_score, 6)},
+                "prototypes": {"clip": self.clip_prototype, "frame": self.frame_prototype}}
+
+
+def rank(paths: list[str], clip: np.ndarray, frame: np.ndarray, q_clip: np.ndarray, q_frame: np.ndarray,
+         weights: tuple[float, float], k: int) -> list[list[Hit]]:
+    """Top-k hits for each query (best first)."""
+    s_clip, a_clip = branch_scores(clip, q_clip)
+    s_frame, a_frame = branch_scores(frame, q_frame)
+    total = weights[0] * s_clip + weights[1] * s_frame                                  # [Q, N]
+    k = min(k, total.shape[1])
+    results = []
+    for qi in range(total.shape[0]):
+        top = np.argpartition(-total[qi], k - 1)[:k]
+        top = top[np.argsort(-total[qi, top], kind="stable")]
+        results.append([Hit(r + 1, float(total[qi, v]), paths[v], float(s_clip[qi, v]), float(s_frame[qi, v]),
+                            int(a_clip[qi, v]), int(a_frame[qi, v])) for r, v in enumerate(top)])
+    return results
+
+
+def highlight_ranges(attention: np.ndarray, timestamps: np.ndarray, duration: float, fps: float,
+                     mass: float = 0.5, max_ranges: int = 3) -> list[dict]:
+    """Time ranges of the frames that carry the top `mass` of `attention` [T], merged, strongest first.
+
+    Each frame stands for the 1/fps window around its timestamp; neighbouring
+    selected frames merge into one range. Ranges lie inside [0, duration].
+    """
+    attention = np.asarray(attention, dtype=np.float64)
+    total = attention.sum()
+    if total <= 0 or len(attention) == 0:
+        return []
+    attention = attention / total
+    order = np.argsort(-attention, kind="stable")
+    n_pick = int(np.searchsorted(np.cumsum(attention[order]), mass - 1e-9) + 1)
+    picked = np.zeros(len(attention), dtype=bool)
+    picked[order[:n_pick]] = True
+    half = 0.5 / fps
+    ranges, start = [], None
+    for i in range(len(attention) + 1):
+        if i < len(attention) and picked[i]:
+            start = i if start is None else start
+        elif start is not None:
+            lo, hi = start, i - 1
+            ranges.append({"start": round(max(0.0, float(timestamps[lo]) - half), 3),
+                           "end": round(min(duration, float(timestamps[hi]) + half), 3),
+                           "weight": round(float(attention[lo:hi + 1].sum()), 4)})
+            start = None
+    ranges.sort(key=lambda r: -r["weight"])
+    return ranges[:max_ranges]
+
+
+def attach_highlights(hits: list[Hit], rows: dict[str, dict], weights: tuple[float, float]) -> None:
+    """Fill each hit's highlights from the attention of its best clip and frame prototypes (weighted)."""
+    for hit in hits:
+        row = rows.get(hit.path)
+        if row is None:
+            continue
+        stamps = np.asarray(row["timestamps"], dtype=np.float32)
+        T = len(stamps)
+        clip_attn = np.asarray(row["attn_clip"], dtype=np.float32).reshape(-1, T)[hit.clip_prototype]
+        frame_attn = np.asarray(row["attn_frame"], dtype=np.float32).reshape(-1, T)[hit.frame_prototype]
+        attention = weights[0] * clip_attn + weights[1] * frame_attn
+        hit.duration = float(row["duration"])
+        hit.highlights = highlight_ranges(attention, stamps, hit.duration, float(row["fps"]))

@@ -1,0 +1,434 @@
+"""Stage 5: the index, an embedded LanceDB database in one folder.
+
+Layout of an index folder:
+
+    index.json        format version, the encoder and prototype builder that made it
+    db/videos.lance   one row per video: file identity, timing, prototypes per branch
+                      (multivector columns), per-prototype frame attention
+    db/frames.lance   one row per video: its CLIP frame features (fp16), for `prvr reindex`
+    cache/            search matrices derived from a table version (safe to delete)
+    .lock             held by the process that writes
+
+A video's frames row is written before its videos row, and stale frames rows are
+removed after, so a crash at any point leaves only complete videos plus, at
+worst, orphan frames rows that the next writer removes (`repair`).
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+os.environ.setdefault("LANCE_LOG", "error")
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+
+from .errors import CorruptError, DiskError, IndexMissingError, LockedError, MismatchError  # noqa: E402
+
+FORMAT_VERSION = 1
+META_FILE = "index.json"
+
+
+@dataclass
+class VideoRecord:
+    """Everything stored about one video, except its frame features."""
+
+    path: str
+    size: int
+    mtime: float
+    content_hash: str
+    duration: float
+    fps: float
+    native_fps: float
+    width: int
+    height: int
+    timestamps: np.ndarray      # [T] seconds
+    proto_clip: np.ndarray      # [Lp, D]
+    proto_frame: np.ndarray     # [Lp, D]
+    attn_clip: np.ndarray       # [Lp, T]
+    attn_frame: np.ndarray      # [Lp, T]
+
+
+def sql_str(value: str) -> str:
+    """A string literal for a LanceDB filter."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _disk_guard(fn):
+    """Turn out-of-space and write errors into a DiskError with a one-line message."""
+
+    def wrapper(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskError(f"no space left on the device holding {self.root}; free space and run again "
+                                "(videos already indexed are kept)") from e
+            raise
+        except Exception as e:  # lance reports I/O failures as generic errors carrying the OS message
+            text = str(e)
+            if "No space left" in text or "Disk quota" in text:
+                raise DiskError(f"no space left on the device holding {self.root}; free space and run again "
+                                "(videos already indexed are kept)") from e
+            raise
+
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    return wrapper
+
+
+class Index:
+    """A prvr index folder. Open with `Index.open(path)`; write only inside `with index.lock():`."""
+
+    def __init__(self, root: Path, meta: dict):
+        import lancedb
+
+        self.root, self.meta = root, meta
+        self.db = lancedb.connect(str(root / "db"))
+
+    # ----- opening and identity -------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path, create: bool = False) -> "Index":
+        root = Path(path).expanduser().resolve()
+        meta_path = root / META_FILE
+        if not meta_path.exists():
+            if root.exists() and any(root.iterdir()) and not create:
+                raise CorruptError(f"{root} is not a prvr index (no {META_FILE}); pass the right --index")
+            if not create:
+                raise IndexMissingError(f"no index at {root}; build one with `prvr ingest PATH` "
+                                        "(or point --index / PRVR_INDEX at an existing one)")
+            if root.exists() and any(p.name != ".lock" for p in root.iterdir()):
+                raise CorruptError(f"{root} exists and is not an empty folder or a prvr index; choose another --index")
+            root.mkdir(parents=True, exist_ok=True)
+            meta = {"format": FORMAT_VERSION, "created": time.time()}
+            cls._write_meta(root, meta)
+            return cls(root, meta)
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CorruptError(f"{meta_path} is unreadable ({e}); restore it from a backup or re-ingest") from e
+        if not isinstance(meta, dict) or not isinstance(meta.get("format"), int):
+            raise CorruptError(f"{meta_path} is not a prvr index description; restore it or re-ingest")
+        if meta["format"] > FORMAT_VERSION:
+            raise CorruptError(f"index {root} has format {meta['format']}, written by a newer prvr "
+                               f"(this one reads {FORMAT_VERSION}); upgrade prvr")
+        return cls(root, meta)
+
+    @staticmethod
+    def _write_meta(root: Path, meta: dict) -> None:
+        tmp = root / (META_FILE + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
+        os.replace(tmp, root / META_FILE)
+
+    @property
+    def encoder_spec(self) -> dict | None:
+        return self.meta.get("encoder")
+
+    @property
+    def builder_spec(self) -> dict | None:
+        return self.meta.get("builder")
+
+    def bind(self, encoder_spec: dict, builder_spec: dict, proto_dim: int) -> None:
+        """Record the encoder and builder of a new index, or check an existing index matches them."""
+        old_enc, old_builder = self.encoder_spec, self.builder_spec
+        if old_enc is None:
+            self.meta.update(encoder=encoder_spec, builder=builder_spec, proto_dim=proto_dim)
+            self._write_meta(self.root, self.meta)
+            return
+        if old_enc["fingerprint"] != encoder_spec["fingerprint"]:
+            raise MismatchError(
+                f"index {self.root} holds features of CLIP {old_enc['clip_model']}/{old_enc['clip_pretrained']}, "
+                f"not {encoder_spec['clip_model']}/{encoder_spec['clip_pretrained']}; use the same --clip-model/"
+                "--clip-pretrained or another --index")
+        if old_builder["fingerprint"] != builder_spec["fingerprint"]:
+            raise MismatchError(
+                f"index {self.root} holds prototypes from {describe_builder(old_builder)}, not "
+                f"{describe_builder(builder_spec)}; pass the same --model, or rebuild them with "
+                "`prvr reindex --model CKPT`")
+
+    def rebind_builder(self, builder_spec: dict, proto_dim: int) -> None:
+        self.meta.update(builder=builder_spec, proto_dim=proto_dim)
+        self._write_meta(self.root, self.meta)
+
+    # ----- locking ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Exclusive writer lock (released by the OS if the holder dies, so it is never stale)."""
+        path = self.root / ".lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                raise LockedError(f"index {self.root} is being written by another prvr process (pid {holder}); "
+                                  "wait for it to finish or use another --index") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield self
+        finally:
+            os.close(fd)
+
+    # ----- tables -------------------------------------------------------------------------
+
+    def _table(self, name: str):
+        try:
+            return self.db.open_table(name)
+        except (FileNotFoundError, ValueError):
+            return None
+        except Exception as e:
+            if "not found" in str(e).lower() or "does not exist" in str(e).lower():
+                return None
+            raise CorruptError(f"table {name} of index {self.root} is unreadable ({str(e).splitlines()[0][:160]}); "
+                               "restore the index folder from a backup or re-ingest into a new one") from e
+
+    @property
+    def videos(self):
+        return self._table("videos")
+
+    @property
+    def frames(self):
+        return self._table("frames")
+
+    def _schemas(self) -> tuple[pa.Schema, pa.Schema]:
+        d, c = int(self.meta["proto_dim"]), int(self.encoder_spec["dim"])
+        multivector = lambda dim: pa.list_(pa.list_(pa.float16(), dim))  # noqa: E731
+        videos = pa.schema([
+            ("path", pa.string()), ("size", pa.int64()), ("mtime", pa.float64()), ("content_hash", pa.string()),
+            ("duration", pa.float32()), ("fps", pa.float32()), ("native_fps", pa.float32()),
+            ("width", pa.int32()), ("height", pa.int32()), ("n_frames", pa.int32()),
+            ("timestamps", pa.list_(pa.float32())),
+            ("proto_clip", multivector(d)), ("proto_frame", multivector(d)),
+            ("attn_clip", pa.list_(pa.float16())), ("attn_frame", pa.list_(pa.float16())),
+            ("encoder", pa.string()), ("builder", pa.string()), ("ingested_at", pa.float64()),
+        ])
+        frames = pa.schema([
+            ("path", pa.string()), ("content_hash", pa.string()),
+            ("timestamps", pa.list_(pa.float32())), ("features", multivector(c)),
+        ])
+        return videos, frames
+
+    def _ensure_tables(self):
+        videos, frames = self.videos, self.frames
+        v_schema, f_schema = self._schemas()
+        if frames is None:
+            frames = self.db.create_table("frames", schema=f_schema, exist_ok=True)
+        if videos is None:
+            videos = self.db.create_table("videos", schema=v_schema, exist_ok=True)
+        return videos, frames
+
+    # ----- reading ------------------------------------------------------------------------
+
+    def count(self) -> int:
+        table = self.videos
+        return 0 if table is None else table.count_rows()
+
+    def file_states(self) -> dict[str, tuple[int, float, str]]:
+        """path -> (size, mtime, content hash) of every indexed video."""
+        table = self.videos
+        if table is None:
+            return {}
+        t = table.to_arrow().select(["path", "size", "mtime", "content_hash"]).to_pydict()
+        return {p: (s, m, h) for p, s, m, h in zip(t["path"], t["size"], t["mtime"], t["content_hash"])}
+
+    def iter_frame_features(self, batch: int = 64) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+        """(path, timestamps [T], features [T, D] float16) of every indexed video, read in small batches."""
+        videos, frames = self.videos, self.frames
+        if videos is None or frames is None:
+            return
+        keys = videos.to_arrow().select(["path", "content_hash"]).to_pydict()
+        keys = sorted(zip(keys["path"], keys["content_hash"]))
+        dim = int(self.encoder_spec["dim"])
+        for lo in range(0, len(keys), batch):
+            group = dict(keys[lo:lo + batch])
+            where = "path IN (" + ", ".join(sql_str(p) for p in group) + ")"
+            t = frames.search().where(where).select(["path", "content_hash", "timestamps", "features"]) \
+                .limit(len(group) * 2).to_arrow()
+            stamps, feats = t["timestamps"], t["features"]
+            for i, (p, h) in enumerate(zip(t["path"].to_pylist(), t["content_hash"].to_pylist())):
+                if group.get(p) != h:
+                    continue
+                ts = stamps[i].values.to_numpy(zero_copy_only=False)
+                f = feats[i].values.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+                yield p, ts, f
+
+    def rows(self, paths: list[str], columns: list[str]) -> dict[str, dict]:
+        """Selected columns of the given videos, by path."""
+        if not paths:
+            return {}
+        where = "path IN (" + ", ".join(sql_str(p) for p in paths) + ")"
+        t = self.videos.search().where(where).select(columns + ["path"]).limit(len(paths)).to_arrow()
+        out = {}
+        for row in t.to_pylist():
+            out[row["path"]] = row
+        return out
+
+    def versions(self) -> dict[str, int | None]:
+        return {name: (t.version if (t := self._table(name)) is not None else None) for name in ("videos", "frames")}
+
+    # ----- writing (hold the lock) --------------------------------------------------------
+
+    @_disk_guard
+    def repair(self) -> int:
+        """Remove frames rows that no video row refers to (left by an interrupted write)."""
+        videos, frames = self.videos, self.frames
+        if frames is None:
+            return 0
+        keep = set() if videos is None else set(zip(*videos.to_arrow().select(["path", "content_hash"])
+                                                   .to_pydict().values()))
+        t = frames.to_arrow().select(["path", "content_hash"]).to_pydict()
+        orphans = [(p, h) for p, h in zip(t["path"], t["content_hash"]) if (p, h) not in keep]
+        for p, h in orphans:
+            frames.delete(f"path = {sql_str(p)} AND content_hash = {sql_str(h)}")
+        return len(orphans)
+
+    @_disk_guard
+    def add_video(self, record: VideoRecord, features: np.ndarray) -> None:
+        """Store one video: its frame features first, then its row (replacing any older row for that path)."""
+        videos, frames = self._ensure_tables()
+        key = f"path = {sql_str(record.path)}"
+        frames.delete(f"{key} AND content_hash = {sql_str(record.content_hash)}")
+        frames.add(to_table([{"path": record.path, "content_hash": record.content_hash,
+                              "timestamps": record.timestamps, "features": features}], self._schemas()[1]))
+        row = {
+            "path": record.path, "size": record.size, "mtime": record.mtime, "content_hash": record.content_hash,
+            "duration": record.duration, "fps": record.fps, "native_fps": record.native_fps,
+            "width": record.width, "height": record.height, "n_frames": len(record.timestamps),
+            "timestamps": record.timestamps, "proto_clip": record.proto_clip, "proto_frame": record.proto_frame,
+            "attn_clip": record.attn_clip.ravel(), "attn_frame": record.attn_frame.ravel(),
+            "encoder": self.encoder_spec["fingerprint"], "builder": self.builder_spec["fingerprint"],
+            "ingested_at": time.time(),
+        }
+        table = to_table([row], self._schemas()[0])
+        videos.merge_insert("path").when_matched_update_all().when_not_matched_insert_all().execute(table)
+        frames.delete(f"{key} AND content_hash != {sql_str(record.content_hash)}")
+
+    @_disk_guard
+    def move(self, old: str, new: str, size: int, mtime: float) -> None:
+        """A file moved (same content): repoint its rows without encoding again."""
+        for table in (self.frames, self.videos):
+            table.update(where=f"path = {sql_str(old)}", values={"path": new})
+        self.videos.update(where=f"path = {sql_str(new)}", values={"size": size, "mtime": mtime})
+
+    @_disk_guard
+    def touch(self, path: str, size: int, mtime: float) -> None:
+        """Same content, new mtime: record it so the next run skips the hash."""
+        self.videos.update(where=f"path = {sql_str(path)}", values={"size": size, "mtime": mtime})
+
+    @_disk_guard
+    def remove(self, paths: list[str]) -> None:
+        """Forget these videos (the videos row first, so a crash leaves only orphan frames)."""
+        for p in paths:
+            self.videos.delete(f"path = {sql_str(p)}")
+            self.frames.delete(f"path = {sql_str(p)}")
+
+    @_disk_guard
+    def replace_prototypes(self, rows: list[dict]) -> None:
+        """Swap in new prototypes and attention for existing videos (used by reindex)."""
+        videos, _ = self._ensure_tables()
+        table = to_table(rows, self._schemas()[0])
+        videos.merge_insert("path").when_matched_update_all().execute(table)
+
+    @_disk_guard
+    def recreate_videos_table(self, rows: list[dict]) -> None:
+        """Replace the videos table wholesale (reindex into a prototype dim that differs)."""
+        schema = self._schemas()[0]
+        table = to_table(rows, schema)
+        self.db.create_table("videos", data=table, schema=schema, mode="overwrite")
+
+    def optimize(self) -> None:
+        """Compact small fragments left by per-video commits (keeps search fast)."""
+        for table in (self.videos, self.frames):
+            if table is not None:
+                with contextlib.suppress(Exception):
+                    table.optimize()
+
+    # ----- search matrices ----------------------------------------------------------------
+
+    def search_matrices(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(paths, clip prototypes [N, Lp, D], frame prototypes [N, Lp, D]) as float16, cached per table version.
+
+        The cache is memory-mapped, so a search touches the prototypes without
+        parsing the table; it is rebuilt automatically after any write.
+        """
+        table = self.videos
+        if table is None or table.count_rows() == 0:
+            raise IndexMissingError(f"index {self.root} is empty; add videos with `prvr ingest PATH`")
+        version = table.version
+        cache = self.root / "cache" / f"videos-v{version}"
+        if not (cache / "paths.json").exists():
+            self._build_cache(table, cache)
+        try:
+            paths = json.loads((cache / "paths.json").read_text())
+            clip = np.load(cache / "proto_clip.npy", mmap_mode="r")
+            frame = np.load(cache / "proto_frame.npy", mmap_mode="r")
+        except (OSError, ValueError, json.JSONDecodeError):
+            shutil.rmtree(cache, ignore_errors=True)  # damaged cache: rebuild from the table
+            self._build_cache(table, cache)
+            return self.search_matrices()
+        return paths, clip, frame
+
+    def _build_cache(self, table, cache: Path) -> None:
+        data = table.to_arrow().select(["path", "proto_clip", "proto_frame"])
+        dim = int(self.meta["proto_dim"])
+        arrays = {}
+        for col in ("proto_clip", "proto_frame"):
+            arr = data[col].combine_chunks()
+            counts = np.diff(arr.offsets.to_numpy())
+            if len(set(counts.tolist())) > 1:
+                raise CorruptError(f"index {self.root}: videos have different prototype counts; run `prvr reindex`")
+            arrays[col] = arr.values.values.to_numpy(zero_copy_only=False).astype(np.float16).reshape(
+                len(arr), int(counts[0]), dim)
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir(parents=True)
+            for col, arr in arrays.items():
+                np.save(tmp / f"{col}.npy", arr)
+            (tmp / "paths.json").write_text(json.dumps(data["path"].to_pylist()))
+            os.replace(tmp, cache) if not cache.exists() else shutil.rmtree(tmp)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for old in cache.parent.glob("videos-v*"):
+            if old != cache and not old.name.endswith(f".tmp{os.getpid()}") and ".tmp" not in old.name:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Rows of numpy arrays and scalars -> an Arrow table, building list columns without Python lists."""
+    columns = []
+    for f in schema:
+        values = [r[f.name] for r in rows]
+        if pa.types.is_list(f.type):
+            inner = f.type.value_type
+            arrays = [np.asarray(v) for v in values]
+            offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int32)
+            if pa.types.is_fixed_size_list(inner):
+                leaf = inner.value_type.to_pandas_dtype()
+                flat = np.concatenate([a.reshape(-1) for a in arrays]).astype(leaf) if arrays else np.zeros(0, leaf)
+                child = pa.FixedSizeListArray.from_arrays(pa.array(flat), inner.list_size)
+            else:
+                leaf = inner.to_pandas_dtype()
+                child = pa.array(np.concatenate(arrays).astype(leaf) if arrays else np.zeros(0, leaf))
+            columns.append(pa.ListArray.from_arrays(pa.array(offsets), child).cast(f.type))
+        else:
+            columns.append(pa.array(values, type=f.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def describe_builder(spec: dict | None) -> str:
+    if not spec:
+        return "nothing"
+    if spec.get("kind") == "zero-shot":
+        return "the zero-shot CLIP builder (no --model)"
+    return f"model {spec.get('checkpoint')} ({spec.get('method')})"

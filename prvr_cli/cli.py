@@ -15,7 +15,8 @@ import typer
 
 from . import settings
 from .errors import ExitCode, IndexMissingError, MismatchError, PrvrError, UsageError
-from .output import IngestProgress, fmt_bytes, fmt_time, print_search, stderr, write_line
+from .output import (IngestProgress, StdoutClosed, fmt_bytes, fmt_time, native_stderr_silenced, print_search, stderr,
+                     write_line)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None,
@@ -114,11 +115,9 @@ def ingest(
             idx.bind(enc_spec, builder.spec(), idx.meta["proto_dim"])  # raises the mismatch message
         show = not quiet and stderr.is_terminal
         with IngestProgress(len(plan.encode), enabled=show and bool(plan.encode)) as progress:
-            summary = run_ingest(idx, plan, encoder, builder, fps=fps, workers=workers, batch_size=batch_size,
-                                 progress=progress, decode_timeout=decode_timeout)
-            if not show:
-                for err in summary.errors:
-                    stderr.print(f"error: {err['error']}", markup=False, soft_wrap=True)
+            with native_stderr_silenced():
+                summary = run_ingest(idx, plan, encoder, builder, fps=fps, workers=workers, batch_size=batch_size,
+                                     progress=progress, decode_timeout=decode_timeout)
         if summary.new or summary.changed or summary.moved or summary.pruned:
             idx.optimize()
     stderr.print(summary.line(), markup=False)
@@ -325,8 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = lambda message, *args, **kwargs: stderr.print(f"prvr: warning: {message}", markup=False)
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="prvr", standalone_mode=False)
-        code = 0
+        code = command.main(args=argv, prog_name="prvr", standalone_mode=False) or 0
     except PrvrError as e:
         stderr.print(f"prvr: error: {e}", markup=False, highlight=False, soft_wrap=True)
         code = e.exit_code
@@ -338,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, click.exceptions.Abort):
         stderr.print("prvr: interrupted; finished videos are kept", markup=False)
         code = ExitCode.INTERRUPTED
-    except BrokenPipeError:
+    except (BrokenPipeError, StdoutClosed):
         code = 0
     except Exception as e:
         if os.environ.get("PRVR_DEBUG"):
@@ -348,8 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         code = ExitCode.INTERNAL
     try:
         sys.stdout.flush()
-    except BrokenPipeError:
-        code = code or 0
+    except (BrokenPipeError, ValueError):
+        pass
     finally:
         # stdout may be a closed pipe (`prvr search ... | head`): silence the final flush at exit
         try:

@@ -8,6 +8,7 @@ frame rate video is sampled at the right moments.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -38,6 +39,7 @@ class FrameChunk:
 def _reader(path: Path, width: int = -1, height: int = -1):
     import decord
 
+    decord.logging.set_level(decord.logging.QUIET)  # errors reach the user once, as our one-line message
     try:
         return decord.VideoReader(str(path), ctx=decord.cpu(0), width=width, height=height, num_threads=1)
     except Exception as e:  # decord raises its own DECORDError and RuntimeError for every kind of bad file
@@ -45,9 +47,15 @@ def _reader(path: Path, width: int = -1, height: int = -1):
 
 
 def _reason(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    first = next((line for line in text if line.strip()), type(e).__name__)
-    return first[:160]
+    """The useful part of a decord/ffmpeg error, without paths, timestamps and source locations."""
+    text = str(e).strip()
+    opening = re.search(r"ERROR opening: .*?, ([^\n]+)", text)
+    if opening:
+        return opening.group(1).strip()[:160]
+    if text.startswith("Error reading"):
+        return "not a readable video file"
+    first = next((line for line in text.splitlines() if line.strip()), type(e).__name__)
+    return re.sub(r"\[[0-9:]+\] \S+:\d+: ", "", first)[:160]
 
 
 def probe(path: Path) -> tuple[VideoInfo, np.ndarray]:

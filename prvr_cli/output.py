@@ -1,7 +1,9 @@
 """Everything the CLI prints: results on stdout (table, TSV, JSON, JSON Lines, paths), progress and logs on stderr."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 
 from rich.console import Console
@@ -32,8 +34,47 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+class StdoutClosed(Exception):
+    """The reader of stdout went away (`prvr search ... | head`): stop quietly."""
+
+
 def write_line(text: str = "", end: str = "\n") -> None:
-    sys.stdout.write(text + end)
+    try:
+        sys.stdout.write(text + end)
+        if end == "\0" or not sys.stdout.isatty():
+            return
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise StdoutClosed from None
+
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """Hide what C libraries (ffmpeg, decord) print straight to file descriptor 2; our own stderr stays.
+
+    Only when sys.stderr is the process's real stderr (not under a test's capture).
+    """
+    try:
+        if sys.stderr.fileno() != 2:
+            raise OSError
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, AttributeError, ValueError):
+        yield
+        return
+    ours = os.fdopen(saved, "w", buffering=1, encoding=sys.stderr.encoding, errors="replace")
+    previous = sys.stderr
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    sys.stderr = ours
+    try:
+        yield
+    finally:
+        ours.flush()
+        os.dup2(saved, 2)
+        sys.stderr = previous
+        ours.close()
 
 
 def print_search(results: list[tuple[str, list]], fmt: str, nul: bool = False) -> None:
@@ -95,4 +136,5 @@ class IngestProgress:
         self.progress.advance(self.task)
 
     def error(self, message: str) -> None:
-        self.progress.console.print(f"[red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+        self.progress.console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True,
+                                    style="red" if self.progress.console.is_terminal else None)

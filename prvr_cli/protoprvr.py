@@ -1,0 +1,306 @@
+"""ProtoPRVR: every video stored as a few prototypes ("Prototypes are Balanced Units for
+Efficient and Effective Partially Relevant Video Retrieval", ICCV 2025).
+
+Per branch a video becomes `n_prototypes` vectors: globally shared learnable prototypes
+refined by cross-attention over the branch's tokens.
+
+    frame branch: frames -> <= max_frames tokens (mean-pooled when longer) -> InputProjection
+                  -> positional embedding -> TransformerEncoderLayer -> prototype cross-attention
+    clip branch:  frames -> n_clips uniform clip tokens -> InputProjection -> positional embedding
+                  -> TransformerEncoderLayer -> mean of every contiguous span (528 for 32 clips)
+                  -> prototype cross-attention
+    query:        tokens -> InputProjection -> positional embedding -> TransformerEncoderLayer
+                  -> one attention-pooling head per branch
+
+The clip branch's transformer runs on the 32 clip tokens *before* span pooling (as MS-SL
+encodes its clips before building its clip map): self-attention over 32 tokens is cheap
+and every span mean then inherits context and position from the clips it covers.
+
+Score per branch: max over the video's prototypes of cosine similarity; final score
+`clip_weight * s_clip + frame_weight * s_frame` (0.7 / 0.3 by default, the MS-SL / GMMFormer
+convention of favouring the clip branch). p*, the *retrieved prototype*, is the argmax.
+
+Training objectives (formulas in `protoprvr_losses` and, for the retrieval pair, in the
+`retrieval_losses` shared with MS-SL / GMMFormer; each has a weight in cfg["losses"], 0 turns it off):
+    triplet  per branch, hinge ranking on cosine scores, both directions; random negatives before
+             `hard_negative_start_epoch`, hard ones after (as MS-SL / GMMFormer)
+    nce      per branch, InfoNCE both directions on the max raw dot product (MS-SL's logits)
+    crecon   ~30% of the query tokens (after projection) replaced by a mask token; a decoder
+             cross-attends to p* of the positive video alone, then self-attends; InfoNCE on cosine
+             between reconstructed and original masked tokens of the batch (both branches' p*, averaged)
+    urecon   every prototype decoded by an MLP into frame-feature space and broadcast over the frames,
+             frame t taking the mix of prototypes weighted by their attention on t; L2 to the
+             LayerNorm-ed raw frame features on real frames (both branches, averaged)
+    attn     each video concatenated with a random partner at doubled frame rate (in a random
+             order); the query's p* on the mixed video should put >= 0.5 + beta of its attention
+             on the query's own video (BCE while below that margin)
+    ortho    positive cosine similarities between a video's prototypes, per branch
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import protoprvr_losses as L
+from .retrieval_losses import infonce_loss, triplet_loss
+from .errors import UsageError
+from .layers import (AttentionPool, InputProjection, downsample_frames, span_means, span_to_token,
+                     uniform_bins)
+from .retrieval import QueryEncoding, RetrievalModel, TrainBatch, VideoEncoding
+
+# Table 8 of the paper (TVR's nce weight is 0.03; presets set it per dataset).
+DEFAULT_LOSSES = {"nce": 0.06, "triplet": 1.0, "crecon": 0.1, "urecon": 1.0, "attn": 0.005, "ortho": 0.01}
+BRANCHES = ("clip", "frame")
+
+
+class PositionalEmbedding(nn.Module):
+    """Learned positions added to a sequence, then LayerNorm and dropout (as MS-SL's encoders)."""
+
+    def __init__(self, n_positions: int, dim: int, dropout: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_positions, dim) * 0.02)
+        self.norm = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.norm(x + self.weight[: x.shape[1]]))
+
+
+class CrossAttentionBlock(nn.Module):
+    """Queries read a key/value sequence: cross-attention + residual + LayerNorm, then FFN + residual + LayerNorm.
+
+    There is no self-attention among the queries: each query row is updated on its own.
+    Returns the updated queries [B, Nq, D] and the attention averaged over heads [B, Nq, Nk]
+    (exactly zero on masked keys; attention dropout is off so rows sum to one).
+    """
+
+    def __init__(self, dim: int, heads: int, ff_dim: int, dropout: float):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm1 = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, ff_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ff_dim, dim))
+        self.norm2 = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, queries, keys, key_mask=None):
+        padding = None if key_mask is None else ~key_mask
+        out, weights = self.attn(queries, keys, keys, key_padding_mask=padding, need_weights=True,
+                                 average_attn_weights=True)
+        x = self.norm1(queries + self.drop(out))
+        x = self.norm2(x + self.drop(self.ffn(x)))
+        return x, weights
+
+
+class PrototypeGenerator(nn.Module):
+    """`n_prototypes` shared learnable vectors refined by `iterations` rounds of cross-attention over tokens.
+
+    The rounds share one block (iterative refinement, as in slot attention). Prototypes never attend
+    to each other, so each one's output depends only on its own initial vector and the tokens.
+    Returns prototypes [B, P, D] and the last round's attention over tokens [B, P, N].
+    """
+
+    def __init__(self, n_prototypes: int, dim: int, heads: int, ff_dim: int, iterations: int, dropout: float):
+        super().__init__()
+        if iterations < 1 or n_prototypes < 1:
+            raise UsageError(f"protoprvr needs n_prototypes >= 1 and iterations >= 1, "
+                             f"got {n_prototypes} and {iterations}")
+        self.init = nn.Parameter(torch.randn(n_prototypes, dim))  # unit scale, like DETR's object queries
+        self.block = CrossAttentionBlock(dim, heads, ff_dim, dropout)
+        self.iterations = iterations
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.init.to(tokens.dtype).unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        for _ in range(self.iterations):
+            x, attn = self.block(x, tokens, mask)
+        return x, attn
+
+
+def branch_scores(queries: torch.Tensor, prototypes: torch.Tensor, mask: torch.Tensor):
+    """Max over each video's prototypes of the cosine similarity [Q, B] and the prototype reaching it, p* [Q, B]."""
+    cos = torch.einsum("qd,bnd->qbn", F.normalize(queries, dim=-1), F.normalize(prototypes, dim=-1))
+    return cos.masked_fill(~mask[None], -2.0).max(-1)
+
+
+def max_dot(queries: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """Max over each video's prototypes of the raw dot product [Q, B] (the logits of MS-SL's InfoNCE)."""
+    return torch.einsum("qd,bnd->qbn", queries, prototypes).max(-1).values
+
+
+class ProtoPRVR(RetrievalModel):
+    """Prototype-based PRVR model: see the module docstring; hyper-parameters come from `cfg`."""
+
+    method = "protoprvr"
+
+    def __init__(self, video_dim: int, text_dim: int, cfg: dict | None = None):
+        super().__init__()
+        cfg = dict(cfg or {})
+        self.video_dim, self.text_dim = video_dim, text_dim
+        hidden = cfg.get("hidden", 384)
+        heads = cfg.get("heads", 4)
+        ff_dim = cfg.get("ff_dim", hidden)
+        dropout = cfg.get("dropout", 0.1)
+        n_prototypes, iterations = cfg.get("n_prototypes", 30), cfg.get("iterations", 1)
+        self.max_frames, self.n_clips = cfg.get("max_frames", 128), cfg.get("n_clips", 32)
+        self.max_words = cfg.get("max_words", 77)  # CLIP's text context; longer queries are truncated
+        self.clip_weight, self.frame_weight = cfg.get("clip_weight", 0.7), cfg.get("frame_weight", 0.3)
+        unknown = set(cfg.get("losses", {})) - set(DEFAULT_LOSSES)
+        if unknown:
+            raise UsageError(f"unknown protoprvr loss {sorted(unknown)}; known losses: {', '.join(DEFAULT_LOSSES)}")
+        self.loss_weights = {**DEFAULT_LOSSES, **cfg.get("losses", {})}
+        self.margin = cfg.get("margin", 0.1)
+        self.hard_negative_start = cfg.get("hard_negative_start_epoch", 20)
+        self.hard_pool = cfg.get("hard_pool_size", 20)
+        self.crecon_ratio = cfg.get("crecon_mask_ratio", 0.3)
+        self.crecon_temperature = cfg.get("crecon_temperature", 0.07)
+        self.beta = cfg.get("attn_beta", 0.2)
+
+        def encoder_layer():
+            return nn.TransformerEncoderLayer(hidden, heads, ff_dim, dropout, batch_first=True)
+
+        def prototypes():
+            return PrototypeGenerator(n_prototypes, hidden, heads, ff_dim, iterations, dropout)
+
+        # video branches
+        self.frame_proj = InputProjection(video_dim, hidden, dropout)
+        self.frame_pos = PositionalEmbedding(self.max_frames, hidden, dropout)
+        self.frame_encoder, self.frame_prototypes = encoder_layer(), prototypes()
+        self.clip_proj = InputProjection(video_dim, hidden, dropout)
+        self.clip_pos = PositionalEmbedding(self.n_clips, hidden, dropout)
+        self.clip_encoder, self.clip_prototypes = encoder_layer(), prototypes()
+        self.register_buffer("span_to_clip", span_to_token(self.n_clips), persistent=False)
+        # query
+        self.query_proj = InputProjection(text_dim, hidden, dropout)
+        self.query_pos = PositionalEmbedding(self.max_words, hidden, dropout)
+        self.query_encoder = encoder_layer()
+        self.query_pool = nn.ModuleDict({b: AttentionPool(hidden) for b in BRANCHES})
+        # cross-modal masked reconstruction decoder: cross-attend to p*, then self-attend
+        self.mask_token = nn.Parameter(torch.randn(hidden) * 0.02)
+        self.crecon_pos = PositionalEmbedding(self.max_words, hidden, dropout)
+        self.crecon_cross = CrossAttentionBlock(hidden, heads, ff_dim, dropout)
+        self.crecon_self = nn.ModuleList(encoder_layer() for _ in range(cfg.get("crecon_layers", 1)))
+        self.crecon_head = nn.Linear(hidden, hidden)
+        # uni-modal reconstruction: one MLP per branch decodes prototypes into frame features
+        self.urecon_decoder = nn.ModuleDict({
+            b: nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, video_dim)) for b in BRANCHES})
+
+    # ------------------------------------------------------------------ encoding
+    def encode_videos(self, frames: torch.Tensor, frame_mask: torch.Tensor | None = None) -> VideoEncoding:
+        """Prototypes [B, P, hidden] per branch and their attention over the input frames [B, P, T]."""
+        if frame_mask is None:
+            frame_mask = torch.ones(frames.shape[:2], dtype=torch.bool, device=frames.device)
+        n_videos, n_frames, _ = frames.shape
+        frames = frames.masked_fill(~frame_mask[..., None], 0.0)
+        lengths = frame_mask.sum(1)
+
+        # frame branch: <= max_frames tokens, prototypes attend over them
+        pool, token_mask = downsample_frames(lengths, min(self.max_frames, n_frames), n_frames)
+        pool = pool.to(frames.dtype)
+        x = self.frame_pos(self.frame_proj(pool @ frames))
+        x = self.frame_encoder(x, src_key_padding_mask=~token_mask)
+        frame_protos, attn = self.frame_prototypes(x, token_mask)
+        frame_attn = attn @ pool
+
+        # clip branch: encode the clip tokens, then pool every contiguous span; prototypes attend over spans
+        bins = uniform_bins(lengths, self.n_clips, n_frames).to(frames.dtype)
+        x = self.clip_encoder(self.clip_pos(self.clip_proj(bins @ frames)))
+        clip_protos, attn = self.clip_prototypes(span_means(x), None)
+        clip_attn = (attn @ self.span_to_clip.to(frames.dtype)) @ bins
+
+        all_true = torch.ones(n_videos, clip_protos.shape[1], dtype=torch.bool, device=frames.device)
+        return VideoEncoding(clip_protos, all_true, frame_protos, all_true.clone(), clip_attn, frame_attn)
+
+    def _encode_tokens(self, tokens: torch.Tensor, token_mask: torch.Tensor):
+        """Query vectors per branch, plus the projected tokens and mask (targets of the masked reconstruction)."""
+        tokens, token_mask = tokens[:, : self.max_words], token_mask[:, : self.max_words].clone()
+        token_mask[:, 0] |= ~token_mask.any(1)  # an empty query still attends to something
+        projected = self.query_proj(tokens)
+        x = self.query_encoder(self.query_pos(projected), src_key_padding_mask=~token_mask)
+        pooled = QueryEncoding(self.query_pool["clip"](x, token_mask), self.query_pool["frame"](x, token_mask))
+        return pooled, projected, token_mask
+
+    def encode_queries(self, tokens: torch.Tensor, token_mask: torch.Tensor) -> QueryEncoding:
+        return self._encode_tokens(tokens, token_mask)[0]
+
+    def score(self, queries: QueryEncoding, videos: VideoEncoding) -> torch.Tensor:
+        s_clip = branch_scores(queries.clip, videos.clip, videos.clip_mask).values
+        s_frame = branch_scores(queries.frame, videos.frame, videos.frame_mask).values
+        return self.clip_weight * s_clip + self.frame_weight * s_frame
+
+    # ------------------------------------------------------------------ training
+    def forward(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Weighted sum of the enabled objectives (weight > 0); terms are reported weighted, by name."""
+        w = self.loss_weights
+        videos = self.encode_videos(batch.frames, batch.frame_mask)
+        queries, projected, token_mask = self._encode_tokens(batch.tokens, batch.token_mask)
+        vi, rows = batch.video_index, torch.arange(len(batch.video_index), device=batch.frames.device)
+        protos = {"clip": videos.clip, "frame": videos.frame}
+        query = {"clip": queries.clip, "frame": queries.frame}
+        masks = {"clip": videos.clip_mask, "frame": videos.frame_mask}
+        scores = {b: branch_scores(query[b], protos[b], masks[b]) for b in BRANCHES}  # (cosine [Q, B], p* [Q, B])
+        losses = {}
+
+        if w["triplet"] > 0:  # retrieval: triplet ranking per branch, hard negatives after the warm-up
+            hard = batch.epoch >= self.hard_negative_start
+            losses["triplet"] = sum(triplet_loss(scores[b][0], vi, self.margin, hard, self.hard_pool)
+                                    for b in BRANCHES)
+        if w["nce"] > 0:  # retrieval: InfoNCE per branch on raw dot products, as MS-SL
+            losses["nce"] = sum(infonce_loss(max_dot(query[b], protos[b]), vi) for b in BRANCHES)
+        if w["crecon"] > 0:  # masked query tokens rebuilt from the retrieved prototype p* of the positive video
+            p_star = torch.stack([protos[b][vi, scores[b][1][rows, vi]] for b in BRANCHES])  # [2, Q, H]
+            losses["crecon"] = self._cross_modal_reconstruction(projected, token_mask, p_star)
+        if w["urecon"] > 0:  # all prototypes decoded and broadcast over the frames rebuild the features
+            losses["urecon"] = self._uni_modal_reconstruction(batch, videos)
+        if w["attn"] > 0 and len(batch.frames) > 1:  # needs a partner video to mix with
+            losses["attn"] = self._attention_guidance(batch, query)
+        if w["ortho"] > 0:
+            losses["ortho"] = sum(L.orthogonal_loss(protos[b]) for b in BRANCHES) / len(BRANCHES)
+
+        weighted = {name: w[name] * value for name, value in losses.items()}
+        total = sum(weighted.values()) if weighted else batch.frames.new_zeros(())
+        return total, {name: float(value.detach()) for name, value in weighted.items()}
+
+    def _cross_modal_reconstruction(self, projected, token_mask, p_star):
+        """Mask query tokens, decode them attending to p* alone then to each other, InfoNCE against the originals.
+
+        Both branches' p* decode the same masked sequence (stacked on the batch axis); the loss is their mean.
+        """
+        masked = L.random_token_mask(token_mask, self.crecon_ratio)
+        x = self.crecon_pos(torch.where(masked[..., None], self.mask_token.to(projected.dtype), projected))
+        n_branches, n_queries, hidden = p_star.shape
+        x, _ = self.crecon_cross(x.repeat(n_branches, 1, 1), p_star.reshape(-1, 1, hidden))
+        for layer in self.crecon_self:
+            x = layer(x, src_key_padding_mask=~token_mask.repeat(n_branches, 1))
+        recon = self.crecon_head(x).view(n_branches, n_queries, -1, hidden)[:, masked]  # [2, M, H]
+        target = projected[masked]
+        return sum(L.masked_token_nce(r, target, self.crecon_temperature) for r in recon) / n_branches
+
+    def _uni_modal_reconstruction(self, batch: TrainBatch, videos: VideoEncoding) -> torch.Tensor:
+        """Per branch, decode every prototype with an MLP, broadcast over frames by attention, L2 to the frames.
+
+        The target is the raw frame features normalised per frame (LayerNorm without affine), so the loss
+        scale does not depend on the feature extractor and the target cannot collapse.
+        """
+        target = F.layer_norm(batch.frames, batch.frames.shape[-1:])
+        loss = 0.0
+        for branch, protos, attn in zip(BRANCHES, (videos.clip, videos.frame), (videos.clip_attn, videos.frame_attn)):
+            recon = L.broadcast_reconstruction(self.urecon_decoder[branch](protos), attn)
+            loss = loss + L.reconstruction_l2(recon, target, batch.frame_mask)
+        return loss / len(BRANCHES)
+
+    def _attention_guidance(self, batch: TrainBatch, query: dict) -> torch.Tensor:
+        """Mix each video with a random partner; the query's p* on the mix should attend to its own video."""
+        n_videos = len(batch.frames)
+        shift = int(torch.randint(1, n_videos, ()))
+        partner = (torch.arange(n_videos, device=batch.frames.device) + shift) % n_videos
+        own_first = torch.rand(n_videos, device=batch.frames.device) < 0.5
+        mixed, mixed_mask, first_half = L.mix_videos(batch.frames, batch.frame_mask, partner, own_first)
+        mix = self.encode_videos(mixed, mixed_mask)
+        vi = batch.video_index
+        loss = 0.0
+        for protos, attn, q in ((mix.clip, mix.clip_attn, query["clip"]), (mix.frame, mix.frame_attn, query["frame"])):
+            sims = torch.einsum("qd,qpd->qp", F.normalize(q, dim=-1), F.normalize(protos[vi], dim=-1))
+            p_star = sims.argmax(-1)
+            share_first = (attn[vi, p_star] * first_half[vi]).sum(-1)
+            loss = loss + L.attention_guidance(share_first, own_first[vi], self.beta)
+        return loss / len(BRANCHES)

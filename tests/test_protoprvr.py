@@ -1,0 +1,362 @@
+"""ProtoPRVR model: shapes, masks, prototype cross-attention, attention maps, loss switches, training."""
+import pytest
+import torch
+
+from prvr_cli import protoprvr_losses as L
+from prvr_cli.errors import UsageError
+from prvr_cli.factory import create_model, load_checkpoint, load_config, override, save_checkpoint
+from prvr_cli.protoprvr import PrototypeGenerator, ProtoPRVR, branch_scores, max_dot
+from prvr_cli.retrieval import TrainBatch
+from prvr_cli.retrieval_losses import infonce_loss, triplet_loss
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids oversubscription on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TINY = {"hidden": 16, "heads": 2, "ff_dim": 32, "dropout": 0.0, "max_frames": 8, "n_clips": 4, "max_words": 10,
+        "n_prototypes": 5, "iterations": 1, "hard_pool_size": 2}
+VDIM, TDIM = 12, 7
+
+
+def tiny_model(**changes):
+    losses = changes.pop("losses", {})
+    torch.manual_seed(0)
+    return ProtoPRVR(VDIM, TDIM, {**TINY, **changes, "losses": losses})
+
+
+def tiny_batch(n_videos=4, per_video=2, n_frames=20, n_words=6, seed=0, epoch=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, n_frames + 1, (n_videos,), generator=g)
+    lengths[0] = n_frames                                    # longer than max_frames: downsampled
+    lengths[-1] = 3                                          # shorter than n_clips: clips repeat frames
+    frames = torch.randn(n_videos, n_frames, VDIM, generator=g)
+    frame_mask = torch.arange(n_frames)[None] < lengths[:, None]
+    n_queries = n_videos * per_video
+    words = torch.randint(1, n_words + 1, (n_queries,), generator=g)
+    tokens = torch.randn(n_queries, n_words, TDIM, generator=g)
+    token_mask = torch.arange(n_words)[None] < words[:, None]
+    video_index = torch.arange(n_videos).repeat_interleave(per_video)
+    return TrainBatch(frames, frame_mask, tokens, token_mask, video_index, epoch)
+
+
+# ------------------------------------------------------------------ encoding
+def test_video_encoding_shapes_masks_and_attention_rows():
+    model = tiny_model().eval()
+    batch = tiny_batch()
+    with torch.no_grad():
+        enc = model.encode_videos(batch.frames, batch.frame_mask)
+    B, T = batch.frame_mask.shape
+    for protos, mask, attn in ((enc.clip, enc.clip_mask, enc.clip_attn), (enc.frame, enc.frame_mask, enc.frame_attn)):
+        assert protos.shape == (B, 5, 16) and mask.shape == (B, 5) and mask.all()
+        assert attn.shape == (B, 5, T)
+        assert torch.allclose(attn.sum(-1), torch.ones(B, 5), atol=1e-5)
+        assert (attn.masked_select(~batch.frame_mask[:, None, :].expand_as(attn)) == 0).all()
+        assert (attn >= 0).all()
+
+
+def test_query_encoding_and_score():
+    model = tiny_model().eval()
+    batch = tiny_batch()
+    with torch.no_grad():
+        q = model.encode_queries(batch.tokens, batch.token_mask)
+        v = model.encode_videos(batch.frames, batch.frame_mask)
+        s = model.score(q, v)
+    assert q.clip.shape == q.frame.shape == (8, 16)
+    assert s.shape == (8, 4)
+    clip = branch_scores(q.clip, v.clip, v.clip_mask)[0]
+    frame = branch_scores(q.frame, v.frame, v.frame_mask)[0]
+    assert torch.allclose(s, 0.7 * clip + 0.3 * frame)
+    assert (s.abs() <= 1 + 1e-6).all()
+
+
+def test_query_padding_and_overlong_queries():
+    model = tiny_model().eval()
+    tokens, mask = torch.randn(2, 14, TDIM), torch.ones(2, 14, dtype=torch.bool)
+    mask[1, 4:] = False
+    with torch.no_grad():
+        full = model.encode_queries(tokens, mask)
+        garbage = tokens.clone()
+        garbage[1, 4:] = 1e3
+        alone = model.encode_queries(garbage[1:, :4], mask[1:, :4])
+        padded = model.encode_queries(garbage, mask)
+    assert torch.allclose(full.clip[1], alone.clip[0], atol=1e-5)      # padding tokens are ignored
+    assert torch.allclose(padded.frame[1], alone.frame[0], atol=1e-5)
+    assert torch.isfinite(full.clip).all()                               # 14 tokens > max_words: truncated
+
+
+def test_branch_scores_hand_case():
+    queries = torch.tensor([[1.0, 0.0]])
+    protos = torch.tensor([[[0.0, 3.0], [2.0, 2.0], [-5.0, 0.0]]])
+    cos, best = branch_scores(queries, protos, torch.ones(1, 3, dtype=torch.bool))
+    assert cos.item() == pytest.approx(2 ** -0.5) and best.item() == 1 and max_dot(queries, protos).item() == 2.0
+    cos, best = branch_scores(queries, protos, torch.tensor([[True, False, True]]))
+    assert cos.item() == pytest.approx(0.0) and best.item() == 0
+
+
+def test_single_video_eval_encoding_is_deterministic_and_padding_free():
+    model = tiny_model().eval()
+    batch = tiny_batch()
+    with torch.no_grad():
+        together = model.encode_videos(batch.frames, batch.frame_mask)
+        n = int(batch.frame_mask[1].sum())
+        alone = model.encode_videos(batch.frames[1:2, :n], batch.frame_mask[1:2, :n])
+        again = model.encode_videos(batch.frames[1:2, :n], batch.frame_mask[1:2, :n])
+    assert torch.equal(alone.clip, again.clip) and torch.equal(alone.frame_attn, again.frame_attn)
+    assert torch.allclose(alone.clip[0], together.clip[1], atol=1e-5)
+    assert torch.allclose(alone.frame[0], together.frame[1], atol=1e-5)
+    assert torch.allclose(alone.clip_attn[0], together.clip_attn[1, :, :n], atol=1e-6)
+    assert torch.allclose(alone.frame_attn[0], together.frame_attn[1, :, :n], atol=1e-6)
+
+
+def test_frame_attention_maps_through_the_pooling_matrices():
+    """A prototype attending to one frame token puts its mass on exactly that token's frames."""
+    model = tiny_model().eval()
+    frames, mask = torch.randn(1, 16, VDIM), torch.ones(1, 16, dtype=torch.bool)  # 16 frames -> 8 tokens of 2
+    captured = {}
+
+    def hook(module, args, output):
+        captured.setdefault(module, output[1])
+
+    for gen in (model.frame_prototypes, model.clip_prototypes):
+        gen.block.register_forward_hook(hook)
+    with torch.no_grad():
+        enc = model.encode_videos(frames, mask)
+    token_attn = captured[model.frame_prototypes.block]                   # [1, P, 8]
+    assert torch.allclose(enc.frame_attn, token_attn.repeat_interleave(2, dim=-1) / 2, atol=1e-6)
+    span_attn = captured[model.clip_prototypes.block]                     # [1, P, 10 spans of 4 clips]
+    assert span_attn.shape[-1] == 10
+    clip_attn = span_attn @ model.span_to_clip                            # [1, P, 4 clips of 4 frames]
+    assert torch.allclose(enc.clip_attn, clip_attn.repeat_interleave(4, dim=-1) / 4, atol=1e-6)
+
+
+# ------------------------------------------------------------------ prototype generator
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_prototypes_use_cross_attention_only(iterations):
+    torch.manual_seed(0)
+    gen = PrototypeGenerator(4, 8, 2, 16, iterations, 0.0).eval()
+    tokens, mask = torch.randn(2, 6, 8), torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
+    with torch.no_grad():
+        before, attn = gen(tokens, mask)
+        gen.init[2] += torch.randn(8)
+        after, _ = gen(tokens, mask)
+    unchanged = [0, 1, 3]
+    assert torch.allclose(before[:, unchanged], after[:, unchanged], atol=1e-6)
+    assert not torch.allclose(before[:, 2], after[:, 2])
+    assert before.shape == (2, 4, 8) and attn.shape == (2, 4, 6)
+    assert torch.allclose(attn.sum(-1), torch.ones(2, 4)) and (attn[1, :, 3:] == 0).all()
+    assert not any(isinstance(m, torch.nn.TransformerEncoderLayer) for m in gen.modules())
+
+
+def test_invalid_config_is_a_usage_error():
+    with pytest.raises(UsageError):
+        ProtoPRVR(VDIM, TDIM, {**TINY, "iterations": 0})
+    with pytest.raises(UsageError):
+        ProtoPRVR(VDIM, TDIM, {**TINY, "losses": {"ncee": 1.0}})
+
+
+# ------------------------------------------------------------------ training objectives
+def test_forward_reports_every_weighted_term_and_their_sum():
+    model = tiny_model().train()
+    torch.manual_seed(1)
+    loss, terms = model(tiny_batch())
+    assert set(terms) == {"nce", "triplet", "crecon", "urecon", "attn", "ortho"}
+    assert loss.item() == pytest.approx(sum(terms.values()), rel=1e-5)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("name", ["nce", "triplet", "crecon", "urecon", "attn", "ortho"])
+def test_each_loss_switch_removes_it(name):
+    batch = tiny_batch()
+    torch.manual_seed(3)
+    _, full = tiny_model().train()(batch)
+    model = tiny_model(losses={name: 0.0}).train()
+    calls = []
+    original = model.encode_videos
+    model.encode_videos = lambda *a: calls.append(1) or original(*a)
+    torch.manual_seed(3)
+    loss, terms = model(batch)
+    assert name not in terms and set(terms) == set(full) - {name}
+    assert loss.item() == pytest.approx(sum(terms.values()), rel=1e-5)
+    loss.backward()
+    if name == "crecon":
+        assert model.crecon_head.weight.grad is None and model.mask_token.grad is None
+    if name == "urecon":
+        assert all(p.grad is None for p in model.urecon_decoder.parameters())
+    assert len(calls) == (1 if name == "attn" else 2)  # the mixed videos are only encoded for the guidance
+
+
+def test_only_one_loss_gives_exactly_that_term():
+    off = {k: 0.0 for k in ["nce", "triplet", "crecon", "urecon", "attn"]}
+    model = tiny_model(losses={**off, "ortho": 0.5})
+    loss, terms = model(tiny_batch())
+    enc = model.encode_videos(tiny_batch().frames, tiny_batch().frame_mask)
+    expected = 0.5 * (L.orthogonal_loss(enc.clip) + L.orthogonal_loss(enc.frame)) / 2
+    assert list(terms) == ["ortho"] and loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_retrieval_terms_match_the_loss_functions():
+    model = tiny_model(losses={"crecon": 0.0, "urecon": 0.0, "attn": 0.0, "ortho": 0.0, "nce": 0.5}).eval()
+    batch = tiny_batch(epoch=100)
+    q = model.encode_queries(batch.tokens, batch.token_mask)
+    v = model.encode_videos(batch.frames, batch.frame_mask)
+    expected_nce = expected_triplet = 0.0
+    for qb, vb in ((q.clip, v.clip), (q.frame, v.frame)):
+        cos, _ = branch_scores(qb, vb, torch.ones(vb.shape[:2], dtype=torch.bool))
+        expected_nce += infonce_loss(max_dot(qb, vb), batch.video_index).item()
+        expected_triplet += triplet_loss(cos, batch.video_index, 0.1, hard=True, hard_pool=1).item()
+    model.hard_pool = 1
+    _, terms = model(batch)
+    assert terms["nce"] == pytest.approx(0.5 * expected_nce, rel=1e-5)
+    assert terms["triplet"] == pytest.approx(expected_triplet, rel=1e-5)
+
+
+def test_cross_modal_reconstruction_reads_only_the_retrieved_prototype():
+    """Gradient of the masked reconstruction reaches exactly the prototypes p* of each query's own video."""
+    off = {k: 0.0 for k in ["nce", "triplet", "urecon", "attn", "ortho"]}
+    model = tiny_model(losses={**off, "crecon": 1.0})
+    batch = tiny_batch()
+    kept = []
+    original = model.encode_videos
+
+    def encode_and_keep(*args):
+        enc = original(*args)
+        enc.clip.retain_grad()
+        enc.frame.retain_grad()
+        kept.append(enc)
+        return enc
+
+    model.encode_videos = encode_and_keep
+    loss, _ = model(batch)
+    loss.backward()
+    q = model.encode_queries(batch.tokens, batch.token_mask)
+    enc = kept[0]
+    for qb, protos in ((q.clip, enc.clip), (q.frame, enc.frame)):
+        best = branch_scores(qb, protos, torch.ones(protos.shape[:2], dtype=torch.bool))[1]
+        expected = torch.zeros(protos.shape[:2], dtype=torch.bool)
+        expected[batch.video_index, best[torch.arange(len(best)), batch.video_index]] = True
+        assert torch.equal(protos.grad.abs().sum(-1) > 0, expected)
+
+
+def test_attention_guidance_uses_the_mixed_video_share():
+    """The guidance equals the hand formula applied to p*'s attention on the query's own half."""
+    off = {k: 0.0 for k in ["nce", "triplet", "crecon", "urecon", "ortho"]}
+    model = tiny_model(losses={**off, "attn": 1.0}).eval()
+    batch = tiny_batch()
+    torch.manual_seed(5)
+    _, terms = model(batch)
+    torch.manual_seed(5)                                           # replay the same partner and order draws
+    shift = int(torch.randint(1, 4, ()))
+    partner = (torch.arange(4) + shift) % 4
+    own_first = torch.rand(4) < 0.5
+    mixed, mixed_mask, first_half = L.mix_videos(batch.frames, batch.frame_mask, partner, own_first)
+    mix = model.encode_videos(mixed, mixed_mask)
+    q = model.encode_queries(batch.tokens, batch.token_mask)
+    expected = 0.0
+    for qb, protos, attn in ((q.clip, mix.clip, mix.clip_attn), (q.frame, mix.frame, mix.frame_attn)):
+        for i, v in enumerate(batch.video_index.tolist()):                  # per query, written out plainly
+            p = torch.nn.functional.cosine_similarity(qb[i][None], protos[v]).argmax()
+            share_first = attn[v, p][first_half[v]].sum()
+            share_own = share_first if own_first[v] else 1 - share_first
+            assert 0 <= share_first <= 1 + 1e-6
+            expected += (-torch.log(share_own) if share_own < 0.7 else 0.0) / len(batch.video_index) / 2
+    assert terms["attn"] == pytest.approx(float(expected.detach()), rel=1e-4)
+
+
+def test_single_video_batch_trains():
+    model = tiny_model()
+    batch = tiny_batch(n_videos=1)
+    loss, terms = model(batch)
+    assert "attn" not in terms and torch.isfinite(loss)
+    loss.backward()
+
+
+def test_full_model_directional_gradient_matches_finite_difference():
+    model = tiny_model().double().train()
+    batch = tiny_batch(n_videos=3)
+    batch = TrainBatch(batch.frames.double(), batch.frame_mask, batch.tokens.double(), batch.token_mask,
+                       batch.video_index, epoch=100)
+
+    def loss_fn():
+        torch.manual_seed(7)  # same masks, partners and negatives every call
+        return model(batch)[0]
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = loss_fn()
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    torch.manual_seed(11)
+    direction = [torch.randn_like(p) for p in params]
+    analytic = sum((g * d).sum() for g, d in zip(grads, direction) if g is not None)
+    eps = 1e-6
+    with torch.no_grad():
+        for p, d in zip(params, direction):
+            p.add_(eps * d)
+        up = loss_fn()
+        for p, d in zip(params, direction):
+            p.sub_(2 * eps * d)
+        down = loss_fn()
+        for p, d in zip(params, direction):
+            p.add_(eps * d)
+    numeric = (up - down) / (2 * eps)
+    assert numeric.item() == pytest.approx(analytic.item(), rel=1e-4, abs=1e-6)
+
+
+def test_a_few_steps_reduce_the_loss():
+    model = tiny_model().train()
+    batch = tiny_batch(n_videos=6, seed=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        torch.manual_seed(0)
+        loss, _ = model(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0] and sum(losses[-3:]) < sum(losses[:3])
+
+
+# ------------------------------------------------------------------ presets and checkpoints
+@pytest.mark.parametrize("preset,nce", [("protoprvr_tvr", 0.03), ("protoprvr_anet", 0.06), ("protoprvr_qvh", 0.06)])
+def test_presets_load(preset, nce):
+    config = load_config(preset)
+    assert config["method"] == "protoprvr" and config["train"]["lr"] == 2.5e-4
+    m = config["model"]
+    assert (m["n_prototypes"], m["iterations"], m["hidden"], m["heads"]) == (30, 1, 384, 4)
+    assert m["losses"] == {"nce": nce, "triplet": 1.0, "crecon": 0.1, "urecon": 1.0, "attn": 0.005, "ortho": 0.01}
+    assert m["attn_beta"] == 0.2
+
+
+def test_checkpoint_round_trip(tmp_path):
+    config = override(load_config("protoprvr_tvr"), {f"model.{k}": v for k, v in TINY.items()})
+    model = create_model(config, video_dim=VDIM, text_dim=TDIM).eval()
+    save_checkpoint(tmp_path / "m.pt", model, feature_source={"name": "test"})
+    loaded, meta = load_checkpoint(tmp_path / "m.pt")
+    batch = tiny_batch()
+    with torch.no_grad():
+        a = model.encode_videos(batch.frames, batch.frame_mask)
+        b = loaded.encode_videos(batch.frames, batch.frame_mask)
+    assert meta["dims"] == {"video": VDIM, "text": TDIM}
+    assert torch.equal(a.clip, b.clip) and torch.equal(a.frame_attn, b.frame_attn)
+
+
+def test_hard_negatives_start_after_the_warm_up_epochs():
+    off = {k: 0.0 for k in ["nce", "crecon", "urecon", "attn", "ortho"]}
+    model = tiny_model(losses=off, hard_negative_start_epoch=5, hard_pool_size=1).eval()
+
+    def triplets(epoch):
+        batch = tiny_batch(n_videos=6, epoch=epoch)
+        values = set()
+        for seed in range(6):
+            torch.manual_seed(seed)
+            values.add(round(model(batch)[1]["triplet"], 6))
+        return values
+
+    assert len(triplets(4)) > 1    # random negatives during the warm-up
+    assert len(triplets(5)) == 1   # the hardest negative afterwards: deterministic

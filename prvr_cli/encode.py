@@ -81,6 +81,31 @@ def describe(model_name: str, pretrained: str) -> tuple[dict, dict]:
     return identity, source
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers, so a machine with no network fails fast instead of retrying."""
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _with_hub_offline(offline: bool, fn):
+    """Run fn with the hub client in offline mode (cached weights only) when asked."""
+    if not offline:
+        return fn()
+    import huggingface_hub.constants as hub
+
+    previous = hub.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = True
+    try:
+        return fn()
+    finally:
+        hub.HF_HUB_OFFLINE = previous
+
+
 def fingerprint(identity: dict) -> str:
     return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -124,15 +149,17 @@ class ClipEncoder:
             with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 warnings.simplefilter("ignore")
-                logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
-                model = open_clip.create_model(name, pretrained=weights, device=device, precision=precision,
-                                               cache_dir=cache_dir)
+                for name_ in ("", "huggingface_hub", "open_clip"):
+                    logging.getLogger(name_).setLevel(logging.CRITICAL)
+                offline = weights is not None and not Path(weights).is_file() and not _hub_reachable()
+                model = _with_hub_offline(offline, lambda: open_clip.create_model(name, pretrained=weights, device=device, precision=precision,
+                                               cache_dir=cache_dir))
         except RuntimeError as e:
             if weights is not None and not Path(weights).is_file():
                 raise WeightsError(
-                    f"CLIP weights {name}/{pretrained} are not cached and could not be downloaded "
-                    f"({str(e).splitlines()[0][:120]}); download them once with network access, or pass a local "
-                    "checkpoint: --clip-pretrained /path/to/open_clip_model.bin") from e
+                    f"CLIP weights {name}/{pretrained} are not cached and could not be downloaded (no network?); "
+                    "run once with network access, or pass a local checkpoint: "
+                    "--clip-pretrained /path/to/open_clip_model.bin") from e
             raise WeightsError(f"cannot load CLIP checkpoint {pretrained}: {str(e).splitlines()[0][:160]}") from e
         model.eval()
         return cls(model, open_clip.get_tokenizer(name), model_name, pretrained, device, identity, source)

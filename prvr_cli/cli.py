@@ -304,12 +304,15 @@ def reindex(
 
 
 def _register_optional_commands() -> None:
-    """Commands that live in their own modules."""
-    try:
-        from .cli_train import train_command
-    except ImportError:
-        return
+    """Commands that live in their own modules (training and benchmarks)."""
+    from .cli_train import train_command
+
     app.command("train")(train_command)
+    try:
+        from .cli_bench import bench_app
+    except ImportError:  # until the benchmark module lands
+        return
+    app.add_typer(bench_app, name="bench")
 
 
 _register_optional_commands()

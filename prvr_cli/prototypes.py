@@ -119,7 +119,7 @@ class TrainedPrototypes:
         self.model, self.meta, self.checkpoint = model.to(device), meta, Path(checkpoint).resolve()
         self.device = device
         cfg = meta["config"]["model"]
-        self.branch_weights = (float(cfg.get("clip_weight", 0.5)), float(cfg.get("frame_weight", 0.5)))
+        self.branch_weights = (float(model.clip_weight), float(model.frame_weight))
         h = hashlib.sha1()
         with open(self.checkpoint, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):

@@ -92,6 +92,7 @@ class Index:
 
         self.root, self.meta = root, meta
         self.db = lancedb.connect(str(root / "db"))
+        self._snapshot = None  # the videos table version a search ranked, so its rows are read from it too
 
     # ----- opening and identity -------------------------------------------------------------
 
@@ -99,34 +100,56 @@ class Index:
     def open(cls, path: str | Path, create: bool = False) -> "Index":
         root = Path(path).expanduser().resolve()
         meta_path = root / META_FILE
+        if root.exists() and not root.is_dir():
+            raise CorruptError(f"{root} is a file, not a prvr index folder; pass the right --index")
         if not meta_path.exists():
             if root.exists() and any(root.iterdir()) and not create:
                 raise CorruptError(f"{root} is not a prvr index (no {META_FILE}); pass the right --index")
             if not create:
                 raise IndexMissingError(f"no index at {root}; build one with `prvr ingest PATH` "
                                         "(or point --index / PRVR_INDEX at an existing one)")
-            if root.exists() and any(p.name != ".lock" for p in root.iterdir()):
+            if root.exists() and any(p.name != ".lock" and not p.name.startswith(META_FILE) for p in root.iterdir()):
                 raise CorruptError(f"{root} exists and is not an empty folder or a prvr index; choose another --index")
             root.mkdir(parents=True, exist_ok=True)
             meta = {"format": FORMAT_VERSION, "created": time.time()}
-            cls._write_meta(root, meta)
-            return cls(root, meta)
+            if cls._write_meta(root, meta, exclusive=True):
+                return cls(root, meta)
+            return cls.open(root)  # another process created it a moment ago
+        return cls(root, cls._read_meta(root))
+
+    @staticmethod
+    def _read_meta(root: Path) -> dict:
+        meta_path = root / META_FILE
         try:
             meta = json.loads(meta_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CorruptError(f"{meta_path} is unreadable ({e}); restore it from a backup or re-ingest") from e
         if not isinstance(meta, dict) or not isinstance(meta.get("format"), int):
             raise CorruptError(f"{meta_path} is not a prvr index description; restore it or re-ingest")
         if meta["format"] > FORMAT_VERSION:
             raise CorruptError(f"index {root} has format {meta['format']}, written by a newer prvr "
                                f"(this one reads {FORMAT_VERSION}); upgrade prvr")
-        return cls(root, meta)
+        return meta
 
     @staticmethod
-    def _write_meta(root: Path, meta: dict) -> None:
-        tmp = root / (META_FILE + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-        os.replace(tmp, root / META_FILE)
+    def _write_meta(root: Path, meta: dict, exclusive: bool = False) -> bool:
+        """Write index.json atomically; with `exclusive`, only if none exists (returns False if one did)."""
+        tmp = root / f"{META_FILE}.tmp{os.getpid()}"
+        try:
+            with open(tmp, "w") as f:
+                f.write(json.dumps(meta, indent=2, sort_keys=True))
+                f.flush()
+                os.fsync(f.fileno())
+            if not exclusive:
+                os.replace(tmp, root / META_FILE)
+                return True
+            try:
+                os.link(tmp, root / META_FILE)
+                return True
+            except FileExistsError:
+                return False
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @property
     def encoder_spec(self) -> dict | None:
@@ -161,8 +184,13 @@ class Index:
     # ----- locking ------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def lock(self):
-        """Exclusive writer lock (released by the OS if the holder dies, so it is never stale)."""
+    def lock(self, wait=None):
+        """Exclusive writer lock (released by the OS if the holder dies, so it is never stale).
+
+        If another process holds it: raise LockedError, or with `wait` (a function
+        of (root, holder pid) that tells the user) block until it is free. The
+        index description is read again once the lock is held.
+        """
         path = self.root / ".lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -170,10 +198,14 @@ class Index:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-                raise LockedError(f"index {self.root} is being written by another prvr process (pid {holder}); "
-                                  "wait for it to finish or use another --index") from None
+                if wait is None:
+                    raise LockedError(f"index {self.root} is being written by another prvr process (pid {holder}); "
+                                      "wait for it to finish, pass --wait, or use another --index") from None
+                wait(self.root, holder)
+                fcntl.flock(fd, fcntl.LOCK_EX)
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
+            self.meta = self._read_meta(self.root)  # the previous holder may have changed it
             yield self
         finally:
             os.close(fd)
@@ -258,7 +290,7 @@ class Index:
                 if group.get(p) != h:
                     continue
                 ts = stamps[i].values.to_numpy(zero_copy_only=False)
-                f = feats[i].values.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+                f = feats[i].values.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
                 yield p, ts, f
 
     def rows(self, paths: list[str], columns: list[str]) -> dict[str, dict]:
@@ -266,7 +298,7 @@ class Index:
         if not paths:
             return {}
         where = "path IN (" + ", ".join(sql_str(p) for p in paths) + ")"
-        t = self.videos.search().where(where).select(columns + ["path"]).limit(len(paths)).to_arrow()
+        t = (self._snapshot or self.videos).search().where(where).select(columns + ["path"]).limit(len(paths)).to_arrow()
         out = {}
         for row in t.to_pylist():
             out[row["path"]] = row
@@ -364,9 +396,13 @@ class Index:
         if table is None or table.count_rows() == 0:
             raise IndexMissingError(f"index {self.root} is empty; add videos with `prvr ingest PATH`")
         version = table.version
+        self._snapshot = table
         cache = self.root / "cache" / f"videos-v{version}"
         if not (cache / "paths.json").exists():
-            self._build_cache(table, cache)
+            try:
+                self._build_cache(table, cache)
+            except DiskError:
+                return self._matrices(table)  # disk full: search from memory, without a cache
         try:
             paths = json.loads((cache / "paths.json").read_text())
             clip = np.load(cache / "proto_clip.npy", mmap_mode="r")
@@ -377,7 +413,7 @@ class Index:
             return self.search_matrices()
         return paths, clip, frame
 
-    def _build_cache(self, table, cache: Path) -> None:
+    def _matrices(self, table) -> tuple[list[str], np.ndarray, np.ndarray]:
         data = table.to_arrow().select(["path", "proto_clip", "proto_frame"])
         dim = int(self.meta["proto_dim"])
         arrays = {}
@@ -386,18 +422,31 @@ class Index:
             counts = np.diff(arr.offsets.to_numpy())
             if len(set(counts.tolist())) > 1:
                 raise CorruptError(f"index {self.root}: videos have different prototype counts; run `prvr reindex`")
-            arrays[col] = arr.values.values.to_numpy(zero_copy_only=False).astype(np.float16).reshape(
+            arrays[col] = arr.flatten().flatten().to_numpy(zero_copy_only=False).astype(np.float16).reshape(
                 len(arr), int(counts[0]), dim)
+        return data["path"].to_pylist(), arrays["proto_clip"], arrays["proto_frame"]
+
+    def _build_cache(self, table, cache: Path) -> None:
+        paths, clip, frame = self._matrices(table)
+        arrays = {"proto_clip": clip, "proto_frame": frame}
         tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             tmp.mkdir(parents=True)
             for col, arr in arrays.items():
                 np.save(tmp / f"{col}.npy", arr)
-            (tmp / "paths.json").write_text(json.dumps(data["path"].to_pylist()))
-            os.replace(tmp, cache) if not cache.exists() else shutil.rmtree(tmp)
-        except OSError:
+            (tmp / "paths.json").write_text(json.dumps(paths))
+            try:
+                os.replace(tmp, cache)
+            except OSError:
+                if not (cache / "paths.json").exists():
+                    raise
+                shutil.rmtree(tmp)  # another search built it at the same moment
+        except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskError(f"no space left on the device holding {self.root} for the search cache; "
+                                "free space and run again") from e
             raise
         for old in cache.parent.glob("videos-v*"):
             if old != cache and not old.name.endswith(f".tmp{os.getpid()}") and ".tmp" not in old.name:

@@ -166,3 +166,41 @@ def test_real_clips_ingest_and_search(cli, shared_videos):
     assert 8 * 6 * 3 <= summary["frames"] <= 8 * 18 * 3 + 8
     code, out, _ = cli("search", "a woman applying eye makeup", "-k", "8", "--json")
     assert code == 0 and len(json.loads(out)["results"]) == 8
+
+
+def test_trained_model_ingest_and_reindex_round_trip(cli, videos, tmp_path):
+    """--model builds prototypes with a checkpoint; reindex swaps builders from stored frame features."""
+    from prvr_cli.factory import create_model, save_checkpoint
+
+    ckpt = tmp_path / "tiny.pt"
+    save_checkpoint(ckpt, create_model("protoprvr_anet", video_dim=32, text_dim=32), feature_source={"layout": "test"})
+    assert cli.ingest(videos)[0] == 0
+    _, zero_shot, _ = cli("search", "a red screen", "-k", "4", "--json")
+
+    code, _, err = cli("reindex", "--model", ckpt)
+    assert code == 0, err
+    code, out, _ = cli("info", "--json")
+    assert json.loads(out)["builder"]["kind"] == "trained"
+    code, trained, err = cli("search", "a red screen", "-k", "4", "--json")
+    assert code == 0, err
+    assert json.loads(trained)["results"][0]["highlights"]
+    code, _, err = cli("search", "a red screen", "--model", "zero-shot")
+    assert code == ExitCode.MISMATCH and "reindex" in err
+
+    # back to zero-shot from the stored frame features: exactly the original ranking and scores
+    assert cli("reindex", "--model", "zero-shot")[0] == 0
+    _, again, _ = cli("search", "a red screen", "-k", "4", "--json")
+    assert [h["path"] for h in json.loads(again)["results"]] == [h["path"] for h in json.loads(zero_shot)["results"]]
+    assert [h["score"] for h in json.loads(again)["results"]] == [h["score"] for h in json.loads(zero_shot)["results"]]
+
+
+def test_wrong_checkpoint_dims_are_refused(cli, videos, tmp_path):
+    from prvr_cli.factory import create_model, save_checkpoint
+
+    ckpt = tmp_path / "other.pt"
+    save_checkpoint(ckpt, create_model("protoprvr_anet", video_dim=512, text_dim=384), feature_source={})
+    code, _, err = cli("ingest", videos, "--quiet", "--model", ckpt, tiny=True)
+    assert code == ExitCode.MISMATCH and "512/384" in err
+    (tmp_path / "truncated.pt").write_bytes(ckpt.read_bytes()[:1000])
+    code, _, err = cli("ingest", videos, "--quiet", "--model", tmp_path / "truncated.pt", tiny=True)
+    assert code == ExitCode.CORRUPT and "truncated.pt" in err

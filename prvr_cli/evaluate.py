@@ -1,0 +1,83 @@
+"""PRVR evaluation: every query ranks every video of its split.
+
+Protocol (as in MS-SL and its successors): a query's ground truth is the one video
+it was written for; R@K is the percentage of queries whose ground-truth video is
+among the K best-scored videos of the split, and SumR = R@1 + R@5 + R@10 + R@100.
+Ties count against the model (a video scoring exactly as high as the ground truth
+ranks ahead of it), so a constant scorer gets no credit.
+
+Videos and queries are encoded in padded chunks, sorted by length to waste little
+padding, and scored in [query chunk x video chunk] blocks.
+"""
+from __future__ import annotations
+
+import torch
+
+from .datasets import Split
+from .retrieval import RetrievalModel
+
+KS = (1, 5, 10, 100)
+
+
+def _chunks(lengths: torch.Tensor, size: int):
+    """Index chunks of about `size`, with sequences of similar length together."""
+    order = torch.argsort(lengths, stable=True)
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+@torch.no_grad()
+def score_matrix(model: RetrievalModel, split: Split, device="cpu", video_chunk: int = 256,
+                 query_chunk: int = 1024) -> torch.Tensor:
+    """Similarity [Q, V] (on CPU) of every query of `split` with every video of it."""
+    was_training = model.training
+    model.eval()
+    try:
+        videos = []
+        for idx in _chunks(split.frames.lengths, video_chunk):
+            frames, mask = split.frames.batch(idx)
+            videos.append((idx, model.encode_videos(frames.to(device), mask.to(device))))
+        scores = torch.empty(split.n_queries, split.n_videos)
+        for q_idx in _chunks(split.tokens.lengths, query_chunk):
+            tokens, mask = split.tokens.batch(q_idx)
+            queries = model.encode_queries(tokens.to(device), mask.to(device))
+            block = torch.cat([model.score(queries, enc) for _, enc in videos], 1).float().cpu()
+            v_idx = torch.cat([idx for idx, _ in videos])
+            scores[q_idx.unsqueeze(1), v_idx.unsqueeze(0)] = block
+        return scores
+    finally:
+        model.train(was_training)
+
+
+def gt_ranks(scores: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """1-based rank [Q] of each query's ground-truth video (ties ranked ahead of it)."""
+    gt_score = scores.gather(1, gt.view(-1, 1))
+    return (scores >= gt_score).sum(1)
+
+
+def recall_metrics(ranks: torch.Tensor, ks=KS) -> dict[str, float]:
+    """R@K in percent for each K, and their sum."""
+    metrics = {f"R@{k}": 100.0 * (ranks <= k).float().mean().item() for k in ks}
+    metrics["SumR"] = sum(metrics.values())
+    metrics["MedR"] = float(ranks.float().median().item())
+    return metrics
+
+
+def evaluate(model: RetrievalModel, split: Split, device="cpu", **chunks) -> dict[str, float]:
+    """R@1/5/10/100, SumR and median rank of `model` on `split`."""
+    scores = score_matrix(model, split, device, **chunks)
+    return recall_metrics(gt_ranks(scores, split.query_video))
+
+
+def ranking(model: RetrievalModel, split: Split, device="cpu", top_k: int | None = 100, **chunks) -> dict:
+    """The full ranking of a split, for benchmarks and analysis.
+
+    Returns video_ids, cap_ids, gt [Q] (ground-truth video index), ranks [Q] (1-based),
+    top [Q, K] video indices best first and top_scores [Q, K] (K = all videos when top_k is None),
+    and metrics.
+    """
+    scores = score_matrix(model, split, device, **chunks)
+    ranks = gt_ranks(scores, split.query_video)
+    k = split.n_videos if top_k is None else min(top_k, split.n_videos)
+    top_scores, top = scores.topk(k, dim=1)
+    return {"video_ids": split.video_ids, "cap_ids": split.cap_ids, "gt": split.query_video, "ranks": ranks,
+            "top": top, "top_scores": top_scores, "metrics": recall_metrics(ranks)}

@@ -204,3 +204,34 @@ def test_wrong_checkpoint_dims_are_refused(cli, videos, tmp_path):
     (tmp_path / "truncated.pt").write_bytes(ckpt.read_bytes()[:1000])
     code, _, err = cli("ingest", videos, "--quiet", "--model", tmp_path / "truncated.pt", tiny=True)
     assert code == ExitCode.CORRUPT and "truncated.pt" in err
+
+
+def test_train_on_own_videos_then_ingest_and_search_with_it(cli, videos, tmp_path):
+    """The own-videos path end to end: ingest, train on captions, then ingest and search with the checkpoint."""
+    assert cli.ingest(videos)[0] == 0
+    captions = tmp_path / "captions.jsonl"
+    lines = [{"video": str(videos / "red_green.mp4"), "caption": "a red screen turns green"},
+             {"video": str(videos / "blue.mp4"), "caption": "everything is blue"},
+             {"video": str(videos / "sub" / "yellow_magenta.avi"), "caption": "yellow then magenta"},
+             {"video": str(videos / "cyan red.mp4"), "caption": "cyan and then red", "start": 0.0, "end": 1.0}]
+    captions.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    run = tmp_path / "run"
+    code, out, err = cli("train", "--captions", captions, "--preset", "protoprvr_anet", "--out", run,
+                         "--epochs", "1", "--json")
+    assert code == 0, err
+    assert (run / "best.pt").exists() and json.loads(out)["method"] == "protoprvr"
+
+    code, _, err = cli("reindex", "--model", run / "best.pt")
+    assert code == 0, err
+    code, out, err = cli("search", "everything is blue", "-k", "4", "--json")
+    assert code == 0, err
+    reindexed = [(h["path"], h["score"]) for h in json.loads(out)["results"]]
+    assert len(reindexed) == 4
+
+    other = tmp_path / "index2"
+    code, out, err = cli("ingest", videos, "--json", "--quiet", "--model", run / "best.pt", "--index", other,
+                         index=False, tiny=True)
+    assert code == 0, err
+    code, out2, _ = cli("search", "everything is blue", "-k", "4", "--json", "--index", other, index=False)
+    fresh = [(h["path"], h["score"]) for h in json.loads(out2)["results"]]
+    assert code == 0 and fresh == reindexed  # ingest --model and reindex --model store the same prototypes

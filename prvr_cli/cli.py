@@ -5,6 +5,7 @@ and a documented exit code (see prvr_cli.errors.ExitCode and the README).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -63,7 +64,10 @@ def ingest(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Frames per encoder batch [default 64]."),
     prune: bool = typer.Option(False, "--prune", help="Forget indexed videos whose files are gone."),
     decode_timeout: Optional[float] = typer.Option(None, "--decode-timeout",
-                                                   help="Give up on one file after this many seconds [default none]."),
+                                                   help="Give up on a file whose decoding takes longer than this many "
+                                                   "seconds plus 4 s per second of video; 0: no limit [default 60]."),
+    wait: bool = typer.Option(False, "--wait", help="If another prvr process is writing the index, wait for it "
+                              "instead of exiting with code 6."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
@@ -72,7 +76,7 @@ def ingest(
 
     from .discover import discover
     from .encode import ClipEncoder, describe, fingerprint, pick_device
-    from .ingest import make_plan, run_ingest
+    from .ingest import DECODE_TIMEOUT, make_plan, run_ingest
     from .store import Index
 
     fps = settings.resolve("fps", fps, float)
@@ -82,11 +86,13 @@ def ingest(
         raise UsageError(f"--fps {fps}: use a rate between 0 and 60 frames per second")
     if workers < 1 or batch_size < 1:
         raise UsageError("--workers and --batch-size must be at least 1")
+    if decode_timeout is not None and decode_timeout < 0:
+        raise UsageError(f"--decode-timeout {decode_timeout}: use a number of seconds, or 0 for no limit")
     files = discover(paths, glob)
     if not files:
         stderr.print(f"warning: no video files found under {', '.join(map(str, paths))}")
     idx = Index.open(_index_path(index), create=True)
-    with idx.lock():
+    with idx.lock(wait=_waiting_message if wait else None):
         # flag > PRVR_* > config file > what the index was built with > built-in default
         recorded = idx.encoder_spec["source"] if idx.encoder_spec else {}
         model_name = settings.resolve("clip_model", clip_model, default=recorded.get("clip_model"))
@@ -117,7 +123,8 @@ def ingest(
         with IngestProgress(len(plan.encode), enabled=show and bool(plan.encode)) as progress:
             with native_stderr_silenced():
                 summary = run_ingest(idx, plan, encoder, builder, fps=fps, workers=workers, batch_size=batch_size,
-                                     progress=progress, decode_timeout=decode_timeout)
+                                     progress=progress,
+                                     decode_timeout=DECODE_TIMEOUT if decode_timeout is None else decode_timeout)
         if summary.new or summary.changed or summary.moved or summary.pruned:
             idx.optimize()
     stderr.print(summary.line(), markup=False)
@@ -125,6 +132,11 @@ def ingest(
         write_line(json.dumps({"index": str(idx.root), **summary.as_dict()}))
     if summary.failed:
         raise typer.Exit(ExitCode.PARTIAL)
+
+
+def _waiting_message(root, holder: str) -> None:
+    stderr.print(f"prvr: index {root} is being written by another prvr process (pid {holder}); waiting for it "
+                 "to finish (Ctrl-C to stop)", markup=False, soft_wrap=True)
 
 
 def _read_queries(query: str) -> list[str]:
@@ -318,6 +330,15 @@ def _register_optional_commands() -> None:
 _register_optional_commands()
 
 
+# OS errors a user can act on (from writes outside the store's own guard, e.g. index.json or the cache)
+_IO_ERRORS = {errno.ENOSPC: ("no space left on the device; free space and run again", ExitCode.DISK),
+              errno.EDQUOT: ("disk quota exceeded; free space and run again", ExitCode.DISK),
+              errno.EROFS: ("cannot write to a read-only file system", ExitCode.DISK),
+              errno.EIO: ("input/output error", ExitCode.DISK),
+              errno.EACCES: ("permission denied", ExitCode.USAGE),
+              errno.EPERM: ("operation not permitted", ExitCode.USAGE)}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turn known errors into one line and an exit code."""
     import click
@@ -337,16 +358,27 @@ def main(argv: list[str] | None = None) -> int:
         e.show(file=sys.stderr)
         code = ExitCode.USAGE
     except (KeyboardInterrupt, click.exceptions.Abort):
-        stderr.print("prvr: interrupted; finished videos are kept", markup=False)
         code = ExitCode.INTERRUPTED
     except (BrokenPipeError, StdoutClosed):
         code = 0
     except Exception as e:
-        if os.environ.get("PRVR_DEBUG"):
-            raise
-        stderr.print(f"prvr: internal error: {type(e).__name__}: {e} (set PRVR_DEBUG=1 for the traceback and "
-                     "report it)", markup=False, soft_wrap=True)
-        code = ExitCode.INTERNAL
+        if isinstance(e, OSError) and e.errno in _IO_ERRORS:
+            where = f" ({e.filename})" if e.filename else ""
+            stderr.print(f"prvr: error: {_IO_ERRORS[e.errno][0]}{where}", markup=False, soft_wrap=True)
+            code = _IO_ERRORS[e.errno][1]
+        elif "LanceError" in str(e) or "lance error" in str(e):  # the tables' files are damaged or unreadable
+            reason = str(e).splitlines()[0].split(", /rustc")[0][:200]
+            stderr.print(f"prvr: error: the index's tables are unreadable ({reason}); restore the index folder from "
+                         "a backup or re-ingest into a new one", markup=False, soft_wrap=True)
+            code = ExitCode.CORRUPT
+        else:
+            if os.environ.get("PRVR_DEBUG"):
+                raise
+            stderr.print(f"prvr: internal error: {type(e).__name__}: {e} (set PRVR_DEBUG=1 for the traceback and "
+                         "report it)", markup=False, soft_wrap=True)
+            code = ExitCode.INTERNAL
+    if code == ExitCode.INTERRUPTED:  # typer turns Ctrl-C into a silent exit 130
+        stderr.print("prvr: interrupted; finished videos are kept", markup=False)
     try:
         sys.stdout.flush()
     except (BrokenPipeError, ValueError):

@@ -49,6 +49,10 @@ def _reader(path: Path, width: int = -1, height: int = -1):
 def _reason(e: Exception) -> str:
     """The useful part of a decord/ffmpeg error, without paths, timestamps and source locations."""
     text = str(e).strip()
+    if "cannot find video stream" in text:
+        return "no video stream (audio only?)"
+    if "Failed to measure duration/frame-count" in text:
+        return "no frame count or duration (a still image, or broken metadata)"
     opening = re.search(r"ERROR opening: .*?, ([^\n]+)", text)
     if opening:
         return opening.group(1).strip()[:160]

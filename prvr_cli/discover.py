@@ -32,6 +32,8 @@ def discover(paths: list[str | Path], glob: str | None = None) -> list[Path]:
                 if name.startswith(".") or Path(name).suffix.lower() not in VIDEO_EXTENSIONS:
                     continue
                 path = Path(dirpath) / name
+                if not path.is_file():
+                    continue  # a FIFO, socket or device: reading it could block forever
                 rel = path.relative_to(root).as_posix()
                 if glob and not (fnmatch.fnmatch(name, glob) or fnmatch.fnmatch(rel, glob)):
                     continue

@@ -4,7 +4,8 @@ Decoding runs in worker threads (decord releases the GIL) that feed a bounded
 queue of frame chunks; the main thread batches chunks across videos for the
 encoder, so it is never idle waiting on one video. Each finished video is built
 into prototypes and committed on its own: an interrupted run keeps everything it
-finished, and the next run resumes with the rest.
+finished, and the next run resumes with the rest. The main thread also watches
+each decoder's time and abandons one that is stuck, reporting its file.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class FileState:
     size: int
     mtime: float
     content_hash: str | None = None
+    error: str | None = None        # why it could not be read, if it could not
 
 
 @dataclass
@@ -99,8 +101,8 @@ def make_plan(files: list[Path], known: dict[str, tuple[int, float, str]], prune
     def hash_one(state: FileState) -> FileState:
         try:
             state.content_hash = content_hash(state.path)
-        except OSError:
-            state.content_hash = None  # unreadable: the decoder will report it
+        except OSError as e:
+            state.content_hash, state.error = None, e.strerror or str(e)  # reported when its turn comes
         return state
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -123,12 +125,49 @@ class _Stop(Exception):
     pass
 
 
+DECODE_TIMEOUT = 60.0          # seconds a file may spend decoding, plus...
+DECODE_SECONDS_PER_SECOND = 4.0  # ...this many per second of video decoded
+
+
+class _Watch:
+    """Time one file's decoder has spent working (waits on a full queue excluded), against its allowance.
+
+    The allowance is a constant plus a share of each stretch of video about to be
+    decoded, so the main thread can tell a stuck decoder (one that never returns
+    from a decord call) from a long video, and abandon it.
+    """
+
+    def __init__(self, base: float | None):
+        self.base, self.allowance, self.spent = base, base or 0.0, 0.0
+        self.since: float | None = None
+        self.abandoned = False
+        self._lock = threading.Lock()
+
+    def start(self, video_seconds: float = 0.0) -> None:
+        with self._lock:
+            self.allowance += DECODE_SECONDS_PER_SECOND * video_seconds
+            self.since = time.monotonic()
+
+    def pause(self) -> None:
+        with self._lock:
+            if self.since is not None:
+                self.spent += time.monotonic() - self.since
+                self.since = None
+
+    def overdue(self) -> bool:
+        if not self.base:
+            return False
+        with self._lock:
+            busy = self.spent + (time.monotonic() - self.since if self.since is not None else 0.0)
+        return busy > self.allowance
+
+
 def _decode_worker(job: int, path: Path, fps: float, size: int, out: queue.Queue, stop: threading.Event,
-                   chunk: int, time_limit: float | None) -> None:
+                   chunk: int, watch: _Watch) -> None:
     """Push ("info", job, VideoInfo), then ("chunk", job, FrameChunk)..., then ("done", job, None) or ("error", ...)."""
 
     def put(item):
-        while not stop.is_set():
+        while not stop.is_set() and not watch.abandoned:
             try:
                 out.put(item, timeout=0.2)
                 return
@@ -136,26 +175,30 @@ def _decode_worker(job: int, path: Path, fps: float, size: int, out: queue.Queue
                 continue
         raise _Stop
 
-    started = time.monotonic()
     try:
+        watch.start()
         info, chunks = decode_frames(path, fps, size, chunk)
+        watch.pause()
         put(("info", job, info))
-        for c in chunks:
+        chunks = iter(chunks)
+        while True:
+            watch.start(chunk / fps)
+            c = next(chunks, None)
+            watch.pause()
+            if c is None:
+                break
             put(("chunk", job, c))
-            if time_limit and time.monotonic() - started > time_limit:
-                raise DecodeError(f"{path}: decoding took longer than {time_limit:.0f}s; skipped "
-                                  "(raise --decode-timeout for very long videos)")
         put(("done", job, None))
     except _Stop:
         return
     except DecodeError as e:
-        _try_put(out, ("error", job, str(e)), stop)
+        _try_put(out, ("error", job, str(e)), stop, watch)
     except Exception as e:  # any other failure of one file must not stop the run
-        _try_put(out, ("error", job, f"{path}: cannot decode ({type(e).__name__}: {str(e)[:120]})"), stop)
+        _try_put(out, ("error", job, f"{path}: cannot decode ({type(e).__name__}: {str(e)[:120]})"), stop, watch)
 
 
-def _try_put(out: queue.Queue, item, stop: threading.Event) -> None:
-    while not stop.is_set():
+def _try_put(out: queue.Queue, item, stop: threading.Event, watch: _Watch) -> None:
+    while not stop.is_set() and not watch.abandoned:
         try:
             out.put(item, timeout=0.2)
             return
@@ -174,8 +217,13 @@ class _Job:
 
 
 def run_ingest(index: Index, plan: Plan, encoder, builder, *, fps: float, workers: int, batch_size: int,
-               progress=None, decode_timeout: float | None = None) -> Summary:
-    """Carry out `plan` on `index` (which the caller has locked and bound to encoder and builder)."""
+               progress=None, decode_timeout: float | None = DECODE_TIMEOUT) -> Summary:
+    """Carry out `plan` on `index` (which the caller has locked and bound to encoder and builder).
+
+    `decode_timeout` (None or 0: no limit) gives each file that many seconds plus
+    DECODE_SECONDS_PER_SECOND per second of video; a decoder past it is abandoned
+    and the file reported as failed.
+    """
     summary = Summary(unchanged=plan.unchanged)
     started = time.monotonic()
     for state in plan.touches:
@@ -199,14 +247,52 @@ def _encode_all(index, plan, encoder, builder, summary, *, fps, workers, batch_s
     out: queue.Queue = queue.Queue(maxsize=max(4, 2 * workers))
     stop = threading.Event()
     remaining = len(jobs)
-    pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="decode")
+    chunk = max(8, batch_size // 2)
+    running: dict[int, tuple[threading.Thread, _Watch]] = {}  # decoding threads, at most `workers`
+    waiting = list(range(len(jobs)))[::-1]
+    pending: list[tuple[int, object]] = []
+
+    def fail(i: int, message: str) -> None:
+        nonlocal remaining, pending
+        summary.failed += 1
+        summary.errors.append({"path": str(jobs[i].state.path), "error": message})
+        if progress:
+            progress.error(message)
+        jobs[i].features.clear()
+        jobs[i].done = True
+        remaining -= 1
+        pending = [(j, c) for j, c in pending if j != i]
+        running.pop(i, None)
+
+    def launch() -> None:
+        while waiting and len(running) < max(1, workers):
+            i = waiting.pop()
+            state = jobs[i].state
+            if state.content_hash is None:  # could not even be read for hashing
+                fail(i, f"{state.path}: cannot read ({state.error or 'unreadable'})")
+                continue
+            watch = _Watch(decode_timeout)
+            thread = threading.Thread(target=_decode_worker, name=f"decode-{i}", daemon=True,
+                                      args=(i, state.path, fps, encoder.image_size, out, stop, chunk, watch))
+            running[i] = (thread, watch)
+            thread.start()
+
+    def watchdog() -> None:
+        for i, (_, watch) in list(running.items()):
+            if watch.overdue():
+                watch.abandoned = True  # its thread may be stuck in native code: leave it, report the file
+                fail(i, f"{jobs[i].state.path}: decoding did not finish within {watch.allowance:.0f}s; skipped "
+                        "(a stuck or very slow decoder; raise --decode-timeout if the file is fine)")
+
     try:
-        for i, job in enumerate(jobs):
-            pool.submit(_decode_worker, i, job.state.path, fps, encoder.image_size, out, stop,
-                        max(8, batch_size // 2), decode_timeout)
-        pending: list[tuple[int, object]] = []
+        launch()
         while remaining:
-            items = [out.get()]
+            try:
+                items = [out.get(timeout=0.25)]
+            except queue.Empty:
+                watchdog()
+                launch()
+                continue
             n_frames = sum(len(c.frames) for _, c in pending)
             while n_frames < batch_size:  # gather what is ready into one encoder batch
                 try:
@@ -217,6 +303,8 @@ def _encode_all(index, plan, encoder, builder, summary, *, fps, workers, batch_s
                     n_frames += len(items[-1][2].frames)
             finished = []
             for kind, i, payload in items:
+                if jobs[i] is None or jobs[i].done:
+                    continue  # from a decoder already abandoned
                 if kind == "info":
                     jobs[i].info = payload
                 elif kind == "chunk":
@@ -224,26 +312,24 @@ def _encode_all(index, plan, encoder, builder, summary, *, fps, workers, batch_s
                 elif kind == "done":
                     finished.append(i)
                 else:  # error
-                    summary.failed += 1
-                    summary.errors.append({"path": str(jobs[i].state.path), "error": payload})
-                    if progress:
-                        progress.error(payload)
-                    jobs[i].features.clear()
-                    jobs[i].done = True
-                    remaining -= 1
-                    pending = [(j, c) for j, c in pending if j != i]
+                    fail(i, payload)
             if pending:
                 _encode_pending(encoder, jobs, pending, progress)
                 pending = []
             for i in finished:
+                running.pop(i, None)
                 _commit(index, jobs[i], builder, fps, summary)
                 jobs[i] = None  # free its features
                 remaining -= 1
                 if progress:
                     progress.video_done()
+            watchdog()
+            launch()
     finally:
         stop.set()
-        pool.shutdown(wait=True, cancel_futures=True)
+        for thread, watch in running.values():
+            if not watch.abandoned:
+                thread.join(timeout=5)
 
 
 def _encode_pending(encoder, jobs, pending, progress) -> None:

@@ -200,7 +200,7 @@ class Index:
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
                 if wait is None:
                     raise LockedError(f"index {self.root} is being written by another prvr process (pid {holder}); "
-                                      "wait for it to finish, pass --wait, or use another --index") from None
+                                      "wait for it to finish or use another --index (`prvr ingest --wait` waits)") from None
                 wait(self.root, holder)
                 fcntl.flock(fd, fcntl.LOCK_EX)
             os.ftruncate(fd, 0)

@@ -24,7 +24,7 @@ from torch import nn
 from . import layers
 from .mssl import (PositionalEncoding, QueryEncoder, SelfAttentionLayer, dot_and_cosine, init_weights, l2_rows,
                    merge_config, video_chunk_size)
-from .retrieval import QueryEncoding, RetrievalModel, TrainBatch, VideoEncoding
+from .retrieval import QueryEncoding, TrainBatch, VideoEncoding, WeightedBranchModel
 from .retrieval_losses import infonce_loss, query_diverse_loss, triplet_loss
 
 
@@ -59,7 +59,7 @@ class GaussianMixtureBlock(nn.Module):
         return torch.stack(outs, 0).mean(0)
 
 
-class GMMFormer(RetrievalModel):
+class GMMFormer(WeightedBranchModel):
     """GMMFormer: Gaussian-mixture attention on 32 clips and on frames pooled to one vector (see module docstring)."""
 
     method = "gmmformer"
@@ -140,14 +140,7 @@ class GMMFormer(RetrievalModel):
         frame = frame.masked_fill(~videos.frame_mask.unsqueeze(0), float("-inf")).max(-1).values
         return torch.cat(clip_out, 1), frame
 
-    def score(self, queries: QueryEncoding, videos: VideoEncoding) -> torch.Tensor:
-        clip, frame = self.branch_scores(queries, videos)
-        return self.cfg["clip_weight"] * clip + self.cfg["frame_weight"] * frame
-
     # ---- training -------------------------------------------------------------------------
-    def hard_negatives(self, epoch: int) -> bool:
-        start = self.cfg["hard_negative_start_epoch"]
-        return start >= 0 and epoch >= start
 
     def forward(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg

@@ -167,13 +167,8 @@ def _decode_worker(job: int, path: Path, fps: float, size: int, out: queue.Queue
     """Push ("info", job, VideoInfo), then ("chunk", job, FrameChunk)..., then ("done", job, None) or ("error", ...)."""
 
     def put(item):
-        while not stop.is_set() and not watch.abandoned:
-            try:
-                out.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
-        raise _Stop
+        if not _try_put(out, item, stop, watch):
+            raise _Stop
 
     try:
         watch.start()
@@ -197,13 +192,15 @@ def _decode_worker(job: int, path: Path, fps: float, size: int, out: queue.Queue
         _try_put(out, ("error", job, f"{path}: cannot decode ({type(e).__name__}: {str(e)[:120]})"), stop, watch)
 
 
-def _try_put(out: queue.Queue, item, stop: threading.Event, watch: _Watch) -> None:
+def _try_put(out: queue.Queue, item, stop: threading.Event, watch: _Watch) -> bool:
+    """Put `item` unless the run stops or this decoder is abandoned first; True when it was put."""
     while not stop.is_set() and not watch.abandoned:
         try:
             out.put(item, timeout=0.2)
-            return
+            return True
         except queue.Full:
             continue
+    return False
 
 
 @dataclass

@@ -28,7 +28,7 @@ from torch import nn
 
 from . import layers
 from .errors import UsageError
-from .retrieval import QueryEncoding, RetrievalModel, TrainBatch, VideoEncoding
+from .retrieval import QueryEncoding, TrainBatch, VideoEncoding, WeightedBranchModel
 from .retrieval_losses import infonce_loss, paired_infonce_loss, triplet_loss
 
 # Element budget of one scoring block (queries x videos x max(proposals, frames, dim)).
@@ -138,7 +138,7 @@ def video_chunk_size(n_queries: int, n_videos: int, width: int) -> int:
     return max(1, min(n_videos, SCORE_BLOCK_ELEMENTS // max(1, n_queries * width)))
 
 
-class MSSL(RetrievalModel):
+class MSSL(WeightedBranchModel):
     """MS-SL: 528 clip-span proposals and key-clip-guided frame attention (see module docstring)."""
 
     method = "mssl"
@@ -222,14 +222,7 @@ class MSSL(RetrievalModel):
             frame_out.append(torch.einsum("qd,qbd->qb", qf, F.normalize(feat, dim=-1)))
         return torch.cat(clip_out, 1), torch.cat(frame_out, 1)
 
-    def score(self, queries: QueryEncoding, videos: VideoEncoding) -> torch.Tensor:
-        clip, frame = self.branch_scores(queries, videos)
-        return self.cfg["clip_weight"] * clip + self.cfg["frame_weight"] * frame
-
     # ---- training -------------------------------------------------------------------------
-    def hard_negatives(self, epoch: int) -> bool:
-        start = self.cfg["hard_negative_start_epoch"]
-        return start >= 0 and epoch >= start
 
     def forward(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg

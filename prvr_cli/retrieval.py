@@ -83,3 +83,19 @@ class RetrievalModel(nn.Module):
     def forward(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """Total training loss and its named, weighted terms (floats, for logging)."""
         raise NotImplementedError
+
+
+class WeightedBranchModel(RetrievalModel):
+    """A baseline whose score is cfg's clip_weight * clip score + frame_weight * frame score.
+
+    Subclasses implement `branch_scores(queries, videos) -> (clip [Q, B], frame [Q, B])`.
+    """
+
+    def score(self, queries: QueryEncoding, videos: VideoEncoding) -> torch.Tensor:
+        clip, frame = self.branch_scores(queries, videos)
+        return self.cfg["clip_weight"] * clip + self.cfg["frame_weight"] * frame
+
+    def hard_negatives(self, epoch: int) -> bool:
+        """Whether triplet negatives are the hardest ones yet (after the warm-up epochs; -1 means never)."""
+        start = self.cfg["hard_negative_start_epoch"]
+        return start >= 0 and epoch >= start

@@ -15,7 +15,10 @@ BLOCK_ROWS = 1 << 18  # prototypes per matrix-product block (float32 copy of at 
 
 
 def branch_scores(protos: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """protos [N, Lp, D] (any float dtype), queries [Q, D] -> (max score [Q, N], argmax prototype [Q, N])."""
+    """protos [N, Lp, D], queries [Q, D] -> (max score [Q, N], argmax prototype [Q, N]).
+
+    float32 prototypes are used in place; other dtypes are converted block by block.
+    """
     n, lp, d = protos.shape
     flat = protos.reshape(n * lp, d)
     q = np.ascontiguousarray(queries, dtype=np.float32).T

@@ -387,17 +387,19 @@ class Index:
     # ----- search matrices ----------------------------------------------------------------
 
     def search_matrices(self) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """(paths, clip prototypes [N, Lp, D], frame prototypes [N, Lp, D]) as float16, cached per table version.
+        """(paths, clip prototypes [N, Lp, D], frame prototypes [N, Lp, D]) as float32, cached per table version.
 
         The cache is memory-mapped, so a search touches the prototypes without
-        parsing the table; it is rebuilt automatically after any write.
+        parsing the table; it is rebuilt automatically after any write. It holds
+        float32, twice the table's fp16: converting fp16 on every query cost about
+        five times the matrix product itself (see docs/benchmarks.md).
         """
         table = self.videos
         if table is None or table.count_rows() == 0:
             raise IndexMissingError(f"index {self.root} is empty; add videos with `prvr ingest PATH`")
         version = table.version
         self._snapshot = table
-        cache = self.root / "cache" / f"videos-v{version}"
+        cache = self.root / "cache" / f"videos-v{version}-f32"
         if not (cache / "paths.json").exists():
             try:
                 self._build_cache(table, cache)
@@ -422,7 +424,7 @@ class Index:
             counts = np.diff(arr.offsets.to_numpy())
             if len(set(counts.tolist())) > 1:
                 raise CorruptError(f"index {self.root}: videos have different prototype counts; run `prvr reindex`")
-            arrays[col] = arr.flatten().flatten().to_numpy(zero_copy_only=False).astype(np.float16).reshape(
+            arrays[col] = arr.flatten().flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(
                 len(arr), int(counts[0]), dim)
         return data["path"].to_pylist(), arrays["proto_clip"], arrays["proto_frame"]
 

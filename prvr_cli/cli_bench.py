@@ -1,0 +1,186 @@
+"""`prvr bench`: efficiency benchmarks (search latency, ingest throughput, storage types).
+
+Results go to stdout (a table, or JSON with --json); progress goes to stderr.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import UsageError
+from .output import stderr, write_line
+
+bench_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                        rich_markup_mode=None, help="Efficiency benchmarks: search latency, ingest throughput, "
+                                                    "storage types (numbers are measured on this machine).")
+
+
+def _say(text: str) -> None:
+    stderr.print(f"[bench] {text}", markup=False, highlight=False)
+
+
+def _int_list(value: str, flag: str) -> list[int]:
+    try:
+        out = [int(v.replace("_", "")) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} {value!r}: give comma-separated whole numbers, e.g. 1000,10000,100000") from None
+    if not out or any(v < 1 for v in out):
+        raise UsageError(f"{flag} {value!r}: give comma-separated numbers of at least 1, e.g. 1000,10000")
+    return out
+
+
+def _table(headers: list[str], rows: list[list]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    write_line("  ".join(str(h).ljust(w) for h, w in zip(headers, widths)))
+    for r in rows:
+        write_line("  ".join(str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(r, widths))))
+
+
+@bench_app.command("search")
+def search_cmd(
+    sizes: str = typer.Option("1000,10000,100000", "--sizes", help="Corpus sizes (videos), comma-separated."),
+    queries: int = typer.Option(32, "--queries", help="Queries in the batched measurement."),
+    repeats: int = typer.Option(7, "--repeats", help="Timed runs per cell (median reported)."),
+    methods: str = typer.Option("protoprvr,mssl,gmmformer", "--methods", help="Methods, comma-separated."),
+    lancedb: bool = typer.Option(True, "--lancedb/--no-lancedb", help="Also time LanceDB's flat multivector search."),
+    lancedb_max: Optional[int] = typer.Option(None, "--lancedb-max", help="Largest corpus to write into LanceDB."),
+    mssl_frames: int = typer.Option(64, "--mssl-frames", help="Frame tokens per video for MS-SL (model max 128)."),
+    mem_gib: float = typer.Option(6.0, "--mem-gib", help="Memory for synthetic vectors; larger corpora are streamed."),
+    cell_budget: float = typer.Option(60.0, "--cell-budget", help="Seconds per cell; long cells get fewer runs."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a log-log PNG of latency vs corpus size."),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+):
+    """Query latency against corpus size for each method's exact scoring (synthetic stored vectors)."""
+    from . import bench
+
+    size_list = _int_list(sizes, "--sizes")
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    bad = [m for m in method_list if m not in bench.METHODS]
+    if bad or not method_list:
+        raise UsageError(f"--methods {methods!r}: choose from {', '.join(bench.METHODS)}")
+    if queries < 1 or repeats < 1:
+        raise UsageError(f"--queries {queries} / --repeats {repeats}: both must be at least 1")
+    if not 1 <= mssl_frames <= 128:
+        raise UsageError(f"--mssl-frames {mssl_frames}: MS-SL keeps 1 to 128 frame tokens per video")
+    if mem_gib <= 0 or cell_budget <= 0:
+        raise UsageError("--mem-gib and --cell-budget must be positive")
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise UsageError(f"--plot {plot}: give a .png file name")
+    result = bench.bench_search(size_list, method_list, queries, repeats, lancedb, mssl_frames, mem_gib, cell_budget,
+                                lancedb_max, seed, progress=_say)
+    if plot is not None:
+        result["plot"] = str(bench.plot_search(result, plot))
+        _say(f"plot written to {plot}")
+    if as_json:
+        write_line(json.dumps(result))
+        return
+    rows = [[c["method"], c["engine"], c["n_videos"], c["queries"], f"{c['median_ms']:.1f}", f"{c['per_query_ms']:.2f}",
+             c["runs"], "/".join(f"{x:.1f}" for x in c["load_average"]), "streamed" if c["streamed"] else ""]
+            for c in result["cells"]]
+    _table(["method", "engine", "videos", "queries", "median ms", "ms/query", "runs", "load 1/5/15m", ""], rows)
+    write_line()
+    for r in result["ratios"]:
+        write_line(f"{r['what']:<36} {r['n_videos']:>8} videos  {r['queries']:>3} queries  x{r['ratio']}")
+    for m, b in result["bytes_per_video"].items():
+        write_line(f"{m:<10} {b['model_vectors']} vectors = {b['model_bytes_fp16']} B/video fp16 "
+                   f"(as scored: {b['scored_vectors']} vectors = {b['scored_bytes_fp16']} B)")
+    write_line(f"load average {result['load_average']}")
+
+
+@bench_app.command("ingest")
+def ingest_cmd(
+    path: Path = typer.Argument(..., help="A folder (or file) of videos."),
+    clip_model: str = typer.Option("ViT-B-32", "--clip-model", help="open_clip model name or config .json."),
+    clip_pretrained: str = typer.Option("none", "--clip-pretrained",
+                                        help="none (random weights: same speed as trained ones), a tag, or a file."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    fps: float = typer.Option(3.0, "--fps", help="Frames sampled per second."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Decoding threads [default min(4, cores)]."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Frames per encoder batch."),
+    profile: bool = typer.Option(False, "--profile", help="cProfile the full ingest (top functions in the output)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+):
+    """Frames/s of decoding alone, the CLIP image encoder alone, and the full ingest, in one run."""
+    import os
+
+    from . import bench
+    from .encode import pick_device
+    from .output import native_stderr_silenced
+
+    if not path.exists():
+        raise UsageError(f"{path}: no such file or folder; pass a folder of videos")
+    if not 0 < fps <= 60:
+        raise UsageError(f"--fps {fps}: use a rate between 0 and 60 frames per second")
+    workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+    if workers < 1 or batch_size < 1:
+        raise UsageError("--workers and --batch-size must be at least 1")
+    dev = pick_device(device)
+    with native_stderr_silenced():
+        res = bench.bench_ingest(path, clip_model, clip_pretrained, dev, fps, workers, batch_size, profile,
+                                 progress=_say)
+    if as_json:
+        write_line(json.dumps(res))
+        return
+    s = res["settings"]
+    write_line(f"{res['files']} files, {res['frames']} frames at {s['fps']} fps; CLIP {s['clip_model']}/"
+               f"{s['clip_pretrained']} on {s['device']}, {s['workers']} workers, batch {s['batch_size']}")
+    _table(["stage", "frames", "seconds", "frames/s"],
+           [[k, res[k]["frames"], res[k]["seconds"], res[k]["frames_per_s"]] for k in ("decode", "encoder", "full_ingest")])
+    write_line(f"time per frame, full ingest / encoder alone: {res['ratio_full_over_encoder_time']}")
+    write_line(f"load average {res['load_average']}")
+    if res.get("profile"):
+        write_line(res["profile"])
+
+
+@bench_app.command("storage")
+def storage_cmd(
+    n_videos: int = typer.Option(10000, "--videos", help="Synthetic videos for the score-effect measurement."),
+    n_queries: int = typer.Option(256, "--queries", help="Synthetic queries."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A checkpoint from `prvr train`."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Dataset root (with --checkpoint)."),
+    collection: str = typer.Option("anet", "--collection"),
+    feature: str = typer.Option("cg", "--feature"),
+    split: str = typer.Option("test", "--split", help="Split to evaluate on."),
+    device: str = typer.Option("cpu", "--device"),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+):
+    """Bytes per video and score/rank effect of float32, float16 and int8 storage (synthetic and, optionally, real)."""
+    from . import bench
+    from .encode import pick_device
+
+    if n_videos < 10 or n_queries < 1:
+        raise UsageError(f"--videos {n_videos} / --queries {n_queries}: use at least 10 videos and 1 query")
+    if (checkpoint is None) != (data is None):
+        raise UsageError("--checkpoint and --data go together; pass both (or neither for synthetic only)")
+    _say(f"synthetic ProtoPRVR prototypes: {n_videos} videos, {n_queries} queries")
+    res = {"synthetic": bench.bench_storage_synthetic(n_videos, n_queries)}
+    if checkpoint is not None:
+        res["real"] = bench.bench_storage_real(str(checkpoint), str(data), collection, feature, split,
+                                               pick_device(device), progress=_say)
+    res["load_average"] = bench.load_average()
+    if as_json:
+        write_line(json.dumps(res))
+        return
+    syn = res["synthetic"]
+    write_line("bytes per video (model outputs; MS-SL with "
+               f"{syn['mssl_frames']} frame tokens; int8 includes a 4-byte scale per vector)")
+    kinds = list(next(iter(syn["bytes_per_video"].values())))
+    _table(["method"] + kinds, [[m] + [b[k] for k in kinds] for m, b in syn["bytes_per_video"].items()])
+    write_line()
+    eff = syn["synthetic_protoprvr"]["effect"]
+    write_line(f"synthetic ProtoPRVR prototypes ({syn['synthetic_protoprvr']['n_videos']} videos), vs float32:")
+    _table(["storage", "bytes/video", "max |score err|", "recall@10 overlap", "top-1 agree", "1-query ms"],
+           [[k, e["bytes_per_video"], f"{e['max_abs_score_error']:.2e}", e["recall@10_overlap"], e["top1_agreement"],
+             e["one_query_ms"]] for k, e in eff.items()])
+    if "real" in res:
+        r = res["real"]
+        write_line()
+        write_line(f"real {r['method']} outputs on {r['split']} ({r['n_videos']} videos, {r['n_queries']} queries):")
+        _table(["storage", "bytes/video", "max |score err|", "recall@10 overlap", "top-1 agree", "SumR"],
+               [[k, e["bytes_per_video"], f"{e['max_abs_score_error']:.2e}", e["recall@10_overlap"],
+                 e["top1_agreement"], f"{e['metrics']['SumR']:.2f}"] for k, e in r["kinds"].items()])
+    write_line(f"load average {res['load_average']}")

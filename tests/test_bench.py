@@ -1,0 +1,135 @@
+"""`prvr bench` functions on tiny sizes: well-formed results (speed is measured by the command, never asserted)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from prvr_cli import bench
+from tests.conftest import PALETTE, TINY_CLIP, make_video
+
+
+def test_mssl_kernel_matches_the_model_score():
+    from prvr_cli.mssl import MSSL
+
+    torch.manual_seed(0)
+    model = MSSL(video_dim=12, text_dim=8, cfg={"hidden_size": 16, "n_heads": 2, "n_clips": 4, "max_frames": 6}).eval()
+    frames, mask = torch.randn(5, 9, 12), torch.ones(5, 9, dtype=torch.bool)
+    with torch.no_grad():
+        enc = model.encode_videos(frames, mask)
+        enc.clip = torch.nn.functional.normalize(enc.clip, dim=-1)  # the benchmark stores unit-norm spans
+        q = model.encode_queries(torch.randn(3, 4, 8), torch.ones(3, 4, dtype=torch.bool))
+        ref = model.score(q, enc).numpy()
+        keys, values = model.guide_key(enc.frame).numpy(), model.guide_value(enc.frame).numpy()
+    got = bench.mssl_scores(enc.clip.numpy(), keys, values, q.clip.numpy())
+    assert np.allclose(got, ref, atol=1e-5)
+
+
+def test_gmmformer_kernel_matches_the_model_score():
+    from prvr_cli.gmmformer import GMMFormer
+
+    torch.manual_seed(0)
+    model = GMMFormer(video_dim=12, text_dim=8, cfg={"hidden_size": 16, "n_heads": 2, "n_clips": 4,
+                                                     "max_frames": 6}).eval()
+    with torch.no_grad():
+        enc = model.encode_videos(torch.randn(5, 9, 12), torch.ones(5, 9, dtype=torch.bool))
+        q = model.encode_queries(torch.randn(3, 4, 8), torch.ones(3, 4, dtype=torch.bool))
+        ref = model.score(q, enc).numpy()
+    norm = lambda t: torch.nn.functional.normalize(t, dim=-1).numpy()  # noqa: E731
+    qn = norm(q.clip)
+    got = bench.two_branch_scores(norm(enc.clip), norm(enc.frame), qn)
+    assert np.allclose(got, ref, atol=1e-5)
+
+
+def test_bench_search_tiny_is_well_formed(tmp_path):
+    res = bench.bench_search([8, 20], list(bench.METHODS), n_queries=3, repeats=2, lancedb=True, frames=5,
+                             mem_gib=10 * 420_000 / (1 << 30), cell_budget_s=5.0)
+    cells = res["cells"]
+    # per method and size: 1 query and a batch; ProtoPRVR also its clip branch alone and LanceDB
+    assert {(c["method"], c["engine"]) for c in cells} >= {("protoprvr", "in-process"), ("mssl", "in-process"),
+                                                          ("gmmformer", "in-process"), ("protoprvr-clip", "lancedb")}
+    for c in cells:
+        assert c["median_ms"] > 0 and 1 <= c["runs"] <= 2 and c["n_videos"] in (8, 20)
+    # MS-SL at 20 videos does not fit the tiny budget: streamed over fewer resident videos, and said so
+    streamed = [c for c in cells if c["streamed"]]
+    assert streamed and all(c["method"] == "mssl" and "does not fit" in c["note"] for c in streamed)
+    assert all(chk["top10_overlap"] == 1.0 for chk in res["lancedb_checks"])
+    assert res["bytes_per_video"]["protoprvr"]["model_bytes_fp16"] == 60 * 384 * 2
+    assert res["bytes_per_video"]["mssl"]["model_vectors"] == 528 + 5
+    assert {r["what"] for r in res["ratios"]} >= {"mssl / protoprvr", "gmmformer / protoprvr"}
+    json.dumps(res)
+    png = bench.plot_search(res, tmp_path / "img" / "latency.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_streamed_scores_equal_resident_scores():
+    rng = np.random.default_rng(0)
+    store = bench.synthetic_store("gmmformer", 4, rng)
+    q = bench.random_unit((2, bench.DIM), rng, np.float32)
+    full = {k: np.concatenate([v, v, v[:1]]) for k, v in store.items()}  # 9 videos = 2 passes of 4 + 1
+    top_streamed = bench.search_once("gmmformer", store, q, 9)
+    exact = bench.two_branch_scores(full["clip"], full["frame"], q)
+    assert np.allclose(np.take_along_axis(exact, top_streamed, 1), -np.sort(-exact, 1)[:, :bench.TOP_K])
+
+
+def test_storage_synthetic_is_well_formed():
+    res = bench.bench_storage_synthetic(n_videos=50, n_queries=8)
+    b = res["bytes_per_video"]
+    assert b["protoprvr"] == {"float32": 60 * 1536, "float16": 60 * 768, "int8": 60 * 388}
+    eff = res["synthetic_protoprvr"]["effect"]
+    assert eff["float32"]["max_abs_score_error"] == 0.0 and eff["float32"]["recall@10_overlap"] == 1.0
+    assert 0 < eff["float16"]["max_abs_score_error"] < eff["int8"]["max_abs_score_error"] < 0.05
+    assert 0 <= eff["int8"]["recall@10_overlap"] <= 1
+
+
+def test_bench_ingest_on_two_tiny_videos(tmp_path):
+    root = tmp_path / "videos"
+    make_video(root / "a.mp4", [PALETTE[0], PALETTE[1]])
+    make_video(root / "b.mp4", [PALETTE[2]])
+    res = bench.bench_ingest(root, TINY_CLIP, "none", "cpu", fps=3.0, workers=2, batch_size=4, profile=True)
+    assert res["files"] == 2 and res["failed"] == 0 and res["frames"] == 9
+    assert res["decode"]["frames"] == res["encoder"]["frames"] == res["full_ingest"]["frames"] == 9
+    for stage in ("decode", "encoder", "full_ingest"):
+        assert res[stage]["frames_per_s"] > 0
+    assert res["ratio_full_over_encoder_time"] > 0 and "run_ingest" in res["profile"]
+
+
+def test_cli_bench_commands(cli, tmp_path):
+    code, out, err = cli("bench", "search", "--sizes", "10", "--queries", "2", "--repeats", "1", "--no-lancedb",
+                         "--methods", "gmmformer,protoprvr", "--json", index=False)
+    assert code == 0, err
+    res = json.loads(out)
+    assert {c["method"] for c in res["cells"]} == {"gmmformer", "protoprvr", "protoprvr-clip"}
+    code, out, err = cli("bench", "search", "--sizes", "10,x", index=False)
+    assert code == 2 and "--sizes" in err
+    code, out, err = cli("bench", "search", "--methods", "colbert", index=False)
+    assert code == 2 and "colbert" in err
+    code, out, err = cli("bench", "storage", "--videos", "20", "--queries", "4", index=False)
+    assert code == 0 and "int8" in out and "load average" in out
+    code, out, err = cli("bench", "storage", "--checkpoint", str(tmp_path / "x.pt"), index=False)
+    assert code == 2 and "--data" in err
+
+
+@pytest.mark.parametrize("method", ["protoprvr", "mssl"])
+def test_storage_on_a_checkpoint_reports_sumr_per_type(tmp_path, method):
+    from prvr_cli.factory import create_model, load_config, save_checkpoint
+    from tests.test_datasets import TEXT_DIM, VIDEO_DIM, write_h5_dataset
+
+    write_h5_dataset(tmp_path / "data")
+    small = {"protoprvr": {"hidden": 16, "heads": 2, "n_prototypes": 4, "n_clips": 4, "max_frames": 8},
+             "mssl": {"hidden_size": 16, "n_heads": 2, "n_clips": 4, "max_frames": 8}}[method]
+    config = load_config(f"{method}_anet")
+    config["model"] = {**{k: v for k, v in config["model"].items() if k in small or method == "protoprvr"}, **small}
+    torch.manual_seed(0)
+    model = create_model(config, video_dim=VIDEO_DIM, text_dim=TEXT_DIM)
+    save_checkpoint(tmp_path / "m.pt", model, feature_source={})
+    res = bench.bench_storage_real(str(tmp_path / "m.pt"), str(tmp_path / "data"), "toy", "cg", "test")
+    assert res["method"] == method and res["n_videos"] == 6
+    kinds = res["kinds"]
+    assert set(kinds) == {"float32", "float16", "int8"}
+    assert kinds["float32"]["max_abs_score_error"] == 0.0
+    assert kinds["int8"]["bytes_per_video"] < kinds["float16"]["bytes_per_video"] < kinds["float32"]["bytes_per_video"]
+    for k in kinds.values():
+        assert 0 <= k["metrics"]["SumR"] <= 400

@@ -68,6 +68,18 @@ def bytes_per_video(method: str, kind: str = "float16", dim: int = DIM, frames: 
     return n * quantize.bytes_per_vector(dim, kind)
 
 
+def matching_flops(method: str, clip_vectors: float, frame_vectors: float, dim: int = DIM) -> float:
+    """FLOPs to score one query against one video's stored vectors (a multiply-add counts 2).
+
+    ProtoPRVR and GMMFormer: one dot product per stored vector (the max is not counted).
+    MS-SL: one dot product per span, then key-clip-guided attention over the frame tokens
+    (a logit and a weighted value per token, keys and values precomputed at ingest) and a cosine.
+    """
+    if method == "mssl":
+        return 2 * dim * clip_vectors + 4 * dim * frame_vectors + 2 * dim
+    return 2 * dim * (clip_vectors + frame_vectors)
+
+
 def random_unit(shape: tuple[int, ...], rng: np.random.Generator, dtype=np.float16) -> np.ndarray:
     """L2-normalised Gaussian vectors (last axis), generated in blocks to bound float32 temporaries."""
     out = np.empty(shape, dtype=dtype)
@@ -548,9 +560,6 @@ def bench_storage_synthetic(n_videos: int = 10000, n_queries: int = 256, seed: i
 def bench_storage_real(checkpoint: str, data_root: str, collection: str, feature: str, split: str = "test",
                        device: str = "cpu", progress=None) -> dict:
     """Real model outputs: bytes per video, score error and rank agreement per storage type, and SumR per type."""
-    import torch
-
-    from . import evaluate
     from .datasets import load_features
     from .errors import UsageError
     from .factory import load_checkpoint
@@ -562,36 +571,49 @@ def bench_storage_real(checkpoint: str, data_root: str, collection: str, feature
     sp = data.splits[split]
     if progress:
         progress(f"encoding {sp.n_videos} videos and {sp.n_queries} queries of {split} with {meta['method']}")
+    return {"method": meta["method"], "checkpoint": str(checkpoint), "split": split, "n_videos": sp.n_videos,
+            "n_queries": sp.n_queries, "kinds": storage_metrics(model, sp, device)}
+
+
+def storage_metrics(model, split, device: str = "cpu") -> dict:
+    """Per storage type: the split's R@K/SumR, stored vectors and bytes per video, and agreement with float32.
+
+    Videos and queries are encoded once; each storage type round-trips the stored vectors and
+    rescores every query against every video with the model's own `score`.
+    """
+    import torch
+
+    from . import evaluate
+
     with torch.no_grad():
         chunks = []
-        for idx in evaluate._chunks(sp.frames.lengths, 256):
-            frames, mask = sp.frames.batch(idx)
+        for idx in evaluate._chunks(split.frames.lengths, 256):
+            frames, mask = split.frames.batch(idx)
             chunks.append((idx, model.encode_videos(frames.to(device), mask.to(device))))
         queries = []
-        for q_idx in evaluate._chunks(sp.tokens.lengths, 1024):
-            tokens, mask = sp.tokens.batch(q_idx)
+        for q_idx in evaluate._chunks(split.tokens.lengths, 1024):
+            tokens, mask = split.tokens.batch(q_idx)
             queries.append((q_idx, model.encode_queries(tokens.to(device), mask.to(device))))
-        out = {"method": meta["method"], "checkpoint": str(checkpoint), "split": split, "n_videos": sp.n_videos,
-               "n_queries": sp.n_queries, "kinds": {}}
-        exact = None
+        out, exact = {}, None
         for kind in quantize.KINDS:
-            scores = torch.empty(sp.n_queries, sp.n_videos)
-            stored_bytes, n_vec = 0, 0
+            scores = torch.empty(split.n_queries, split.n_videos)
+            stored_bytes, n_vec = 0, {"clip": 0, "frame": 0}
             encs = [(v_idx, quantize.quantize_encoding(enc, kind)) for v_idx, enc in chunks]
             for v_idx, enc in chunks:
-                for t, m in ((enc.clip, enc.clip_mask), (enc.frame, enc.frame_mask)):
+                for branch, t, m in (("clip", enc.clip, enc.clip_mask), ("frame", enc.frame, enc.frame_mask)):
                     n_valid = int(m.sum())
-                    n_vec += n_valid
+                    n_vec[branch] += n_valid
                     stored_bytes += n_valid * quantize.bytes_per_vector(t.shape[-1], kind)
             v_all = torch.cat([i for i, _ in encs])
             for q_idx, qenc in queries:
                 block = torch.cat([model.score(qenc, enc) for _, enc in encs], 1).float().cpu()
                 scores[q_idx.unsqueeze(1), v_all.unsqueeze(0)] = block
-            metrics = evaluate.recall_metrics(evaluate.gt_ranks(scores, sp.query_video))
+            metrics = evaluate.recall_metrics(evaluate.gt_ranks(scores, split.query_video))
             s = scores.numpy()
             if exact is None:
                 exact = s
-            out["kinds"][kind] = {"bytes_per_video": stored_bytes // sp.n_videos,
-                                  "vectors_per_video": round(n_vec / sp.n_videos, 1),
-                                  **_agreement(exact, s), "metrics": {k: round(v, 2) for k, v in metrics.items()}}
+            out[kind] = {"bytes_per_video": stored_bytes // split.n_videos,
+                         "vectors_per_video": round(sum(n_vec.values()) / split.n_videos, 1),
+                         **{f"{b}_vectors_per_video": round(n / split.n_videos, 1) for b, n in n_vec.items()},
+                         **_agreement(exact, s), "metrics": {k: round(v, 2) for k, v in metrics.items()}}
     return out

@@ -184,3 +184,60 @@ def storage_cmd(
                [[k, e["bytes_per_video"], f"{e['max_abs_score_error']:.2e}", e["recall@10_overlap"],
                  e["top1_agreement"], f"{e['metrics']['SumR']:.2f}"] for k, e in r["kinds"].items()])
     write_line(f"load average {res['load_average']}")
+
+
+@bench_app.command("accuracy")
+def accuracy_cmd(
+    data: Path = typer.Option(..., "--data", help="Root of a pre-extracted dataset (h5 or MS-SL layout)."),
+    collection: str = typer.Option(..., "--collection", help="Collection under --data, e.g. anet."),
+    feature: str = typer.Option("cg", "--feature", help="Video feature name."),
+    runs: Path = typer.Option(..., "--runs", help="Folder of run folders: finished runs are reused, others resumed."),
+    presets: str = typer.Option("protoprvr_anet,mssl_anet,gmmformer_anet", "--presets",
+                                help="Presets of the methods table, comma-separated."),
+    ablation_preset: str = typer.Option("protoprvr_anet", "--ablation-preset",
+                                        help="ProtoPRVR preset for the ablation and prototype tables."),
+    prototypes: str = typer.Option("10,20,30,60", "--prototypes", help="Prototype counts per branch to compare."),
+    tables: str = typer.Option("methods,ablation,prototypes", "--tables", help="Which tables, comma-separated."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs for every run [default: the presets']."),
+    batch_videos: Optional[int] = typer.Option(None, "--batch-videos", help="Videos per step for every run."),
+    train_videos: Optional[int] = typer.Option(None, "--train-videos",
+                                               help="Train on a seeded subset of this many training videos."),
+    seed: int = typer.Option(0, "--seed", help="Seed of every run (and of the training subset)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    plots: Optional[Path] = typer.Option(None, "--plots", help="Folder for the PNG plots [default: --runs]."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout instead of Markdown."),
+):
+    """Train (or reuse) ProtoPRVR, MS-SL, GMMFormer and the ProtoPRVR ablations; test R@K, SumR, memory, FLOPs."""
+    from rich.console import Console
+
+    from . import bench_accuracy
+    from .datasets import load_features
+    from .train import resolve_device
+
+    table_list = [t.strip() for t in tables.split(",") if t.strip()]
+    bad = [t for t in table_list if t not in bench_accuracy.TABLES]
+    if bad or not table_list:
+        raise UsageError(f"--tables {tables!r}: choose from {', '.join(bench_accuracy.TABLES)}")
+    preset_list = [p.strip() for p in presets.split(",") if p.strip()]
+    if "methods" in table_list and not preset_list:
+        raise UsageError("--presets is empty; name at least one preset, e.g. protoprvr_anet")
+    counts = _int_list(prototypes, "--prototypes")
+    budget = {}
+    for flag, key, value in (("--epochs", "train.max_epochs", epochs), ("--batch-videos", "train.batch_videos",
+                                                                         batch_videos)):
+        if value is not None:
+            if value < 1:
+                raise UsageError(f"{flag} must be at least 1, got {value}")
+            budget[key] = value
+    if train_videos is not None and train_videos < 2:
+        raise UsageError(f"--train-videos {train_videos}: use at least 2 videos (or leave it out for all)")
+    dev = str(resolve_device(device))
+    _say(f"loading {data} ({collection}/{feature})")
+    dataset = load_features(data, collection, feature, seed=seed).with_train_subset(train_videos, seed)
+    console = Console(stderr=True, soft_wrap=True, highlight=False)
+    result = bench_accuracy.bench_accuracy(dataset, runs, preset_list, ablation_preset, counts, table_list, budget,
+                                           dev, seed, console)
+    result["plots"] = [str(p) for p in bench_accuracy.plot(result, plots or runs)]
+    (runs / "bench_accuracy.json").write_text(json.dumps(result, indent=2))
+    _say(f"results in {runs / 'bench_accuracy.json'}; plots: {', '.join(result['plots'])}")
+    write_line(json.dumps(result) if as_json else bench_accuracy.markdown(result))

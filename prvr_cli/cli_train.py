@@ -40,6 +40,8 @@ def train_command(
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum epochs (train.max_epochs)."),
     batch_videos: Optional[int] = typer.Option(None, "--batch-videos", help="Videos per step, with all queries."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (train.lr)."),
+    train_videos: Optional[int] = typer.Option(None, "--train-videos",
+                                               help="Train on a seeded random subset of this many training videos."),
     seed: int = typer.Option(0, "--seed", help="Seed for weights, data order and the val hold-out."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt."),
@@ -67,11 +69,14 @@ def train_command(
                 raise UsageError(f"{flag} must be positive, got {value}")
             overrides[key] = value
     config = override(load_config(preset), overrides)
+    if train_videos is not None and train_videos < 2:
+        raise UsageError(f"--train-videos {train_videos}: use at least 2 videos (or leave it out for all)")
 
     if index is not None:
         dataset = load_index(index, captions, seed=seed)
     else:
         dataset = load_features(data, collection, feature, text_feature=text_feature, seed=seed)
+    dataset = dataset.with_train_subset(train_videos, seed)
 
     summary = train(config, dataset, out, device=device, seed=seed, resume=resume)
     if as_json:

@@ -67,6 +67,15 @@ class Packed:
         rows = torch.where(mask, start.unsqueeze(1) + t.unsqueeze(0), 0)
         return self.rows[rows] * mask.unsqueeze(-1), mask
 
+    def select(self, index: torch.Tensor) -> "Packed":
+        """A new Packed holding only the sequences `index`, in that order."""
+        start, length = self.offsets[index], self.lengths[index]
+        offsets = torch.zeros(len(index) + 1, dtype=torch.long)
+        offsets[1:] = torch.cumsum(length, 0)
+        owner = torch.repeat_interleave(torch.arange(len(index)), length)
+        rows = start[owner] + torch.arange(int(offsets[-1])) - offsets[:-1][owner]
+        return Packed(self.rows[rows], offsets)
+
 
 @dataclass
 class Split:
@@ -97,6 +106,13 @@ class Split:
     def n_queries(self) -> int:
         return len(self.cap_ids)
 
+    def subset(self, videos: torch.Tensor) -> "Split":
+        """The split restricted to `videos` (indices, kept in that order) with all their queries."""
+        queries, owner = self.queries_of(videos)
+        return Split(self.name, [self.video_ids[i] for i in videos.tolist()],
+                     [self.cap_ids[i] for i in queries.tolist()], [self.captions[i] for i in queries.tolist()],
+                     owner, self.frames.select(videos), self.tokens.select(queries))
+
     def queries_of(self, videos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices of all queries of `videos` and, for each, its position in `videos`."""
         start = self.query_offsets[videos]
@@ -121,6 +137,20 @@ class PRVRData:
     @property
     def text_dim(self) -> int:
         return self.splits["train"].tokens.dim
+
+    def with_train_subset(self, n_videos: int | None, seed: int = 0) -> "PRVRData":
+        """The data with its train split cut to a seeded random `n_videos` of its videos (None keeps all).
+
+        The source records the cut (`train_subset`), so a checkpoint and a resumed run know about it.
+        """
+        train = self.splits["train"]
+        if n_videos is None or n_videos >= train.n_videos:
+            return self
+        if n_videos < 2:
+            raise DataError(f"a training subset of {n_videos} video is too small; use at least 2")
+        picked = torch.randperm(train.n_videos, generator=torch.Generator().manual_seed(seed))[:n_videos]
+        splits = {**self.splits, "train": train.subset(picked.sort().values)}
+        return PRVRData(splits, {**self.source, "train_subset": n_videos, "train_subset_seed": seed})
 
     def summary(self) -> str:
         parts = [f"{n}: {s.n_videos} videos / {s.n_queries} queries" for n, s in self.splits.items()]

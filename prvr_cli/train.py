@@ -109,7 +109,7 @@ def check_resume(payload: dict, config: dict, data: PRVRData, path: Path) -> Non
         raise DataError(f"{path} was trained on video/text dims {dims.get('video')}/{dims.get('text')}, "
                         f"but the data has {data.video_dim}/{data.text_dim}; train into a new --out")
     old_src = payload.get("feature_source", {})
-    for key in ("layout", "collection", "feature"):
+    for key in ("layout", "collection", "feature", "train_subset"):
         if old_src.get(key) != data.source.get(key):
             raise DataError(f"{path} was trained on {key} {old_src.get(key)!r}, the data given is "
                             f"{data.source.get(key)!r}; pass the same data or train into a new --out")

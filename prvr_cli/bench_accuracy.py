@@ -230,12 +230,14 @@ def plot(result: dict, folder: Path) -> list[Path]:
     if methods:
         fig, ax = plt.subplots(figsize=(6, 4))
         markers = dict(zip(quantize.KINDS, ("o", "s", "^")))
-        for label, r in methods:
+        for label, r in methods:     # one colour per method, one marker per storage type
             xs = [s["bytes_per_video"] for s in r["storage"].values()]
             ys = [s["metrics"]["SumR"] for s in r["storage"].values()]
-            line, = ax.plot(xs, ys, "-", alpha=0.4)
+            line, = ax.plot(xs, ys, "-", alpha=0.5, label=label)
             for kind, x, y in zip(r["storage"], xs, ys):
-                ax.plot(x, y, markers[kind], color=line.get_color(), label=f"{label} {kind}")
+                ax.plot(x, y, markers[kind], color=line.get_color())
+        for kind, marker in markers.items():
+            ax.plot([], [], marker, color="gray", label=kind)
         ax.set_xscale("log")
         ax.set_xlabel("bytes per video as stored (log)")
         ax.set_ylabel("test SumR")

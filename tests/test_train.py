@@ -217,6 +217,16 @@ def test_cli_trains_and_prints_json(toy, tmp_path):
     args[args.index("--epochs") + 1] = "3"
     result = CliRunner().invoke(cli_app(), args + ["--resume"], catch_exceptions=False)
     assert json.loads(result.stdout.strip().splitlines()[-1])["epochs"] == 3
+    # a training subset is recorded, and a resume on other data is refused
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["data"]["train_videos"] == 48 and "train_subset" not in metrics["data"]
+    with pytest.raises(DataError, match="train_subset"):
+        CliRunner().invoke(cli_app(), args + ["--resume", "--train-videos", "20"], catch_exceptions=False)
+    sub = args.copy()
+    sub[sub.index("--out") + 1] = str(tmp_path / "sub")
+    result = CliRunner().invoke(cli_app(), sub + ["--train-videos", "20"], catch_exceptions=False)
+    metrics = json.loads((tmp_path / "sub" / "metrics.json").read_text())
+    assert metrics["data"]["train_videos"] == 20 and metrics["data"]["train_subset"] == 20
 
 
 def test_cli_usage_errors(tmp_path):

@@ -169,7 +169,13 @@ def bench_accuracy(data, runs: Path, presets: list[str], ablation_preset: str, p
 # ------------------------------------------------------------------------------------------ report
 
 def _rows(result: dict, table: str) -> list[tuple[str, dict]]:
-    return [(label, r) for r in result["results"] for t, label in r["rows"] if t == table]
+    """(label, result) of one table in reading order: losses in the order added, prototypes ascending."""
+    rows = [(label, r) for r in result["results"] for t, label in r["rows"] if t == table]
+    if table == "ablation":
+        rows.sort(key=lambda row: row[0].count("+"))
+    elif table == "prototypes":
+        rows.sort(key=lambda row: int(row[0]))
+    return rows
 
 
 def _recalls(m: dict) -> list[str]:
@@ -194,12 +200,12 @@ def markdown(result: dict) -> str:
     if methods:
         lines += ["### Methods", ""] + _md(
             ["method", *recall_h, "vectors/video", "bytes/video", "FLOPs/query/video", "best epoch", "s/epoch"],
-            [[label, *_recalls(r["metrics"]), r["vectors_per_video"], r["bytes_per_video"],
+            [[label, *_recalls(r["metrics"]), r["vectors_per_video"], f"{r['bytes_per_video']:,}",
               f"{r['flops_per_query_per_video']:,}", f"{r['training']['best_epoch']}/{r['training']['epochs']}",
               f"{r['training']['seconds_per_epoch']:.0f}"] for label, r in methods]) + [""]
         lines += ["### Storage types", ""] + _md(
             ["method", "storage", "bytes/video", "SumR", "top-1 same as float32", "top-10 overlap"],
-            [[label, kind, s["bytes_per_video"], f"{s['metrics']['SumR']:.2f}", s["top1_agreement"],
+            [[label, kind, f"{s['bytes_per_video']:,}", f"{s['metrics']['SumR']:.2f}", s["top1_agreement"],
               next(v for k, v in s.items() if k.startswith("recall@"))]
              for label, r in methods for kind, s in r["storage"].items()]) + [""]
     ablation = _rows(result, "ablation")
@@ -212,7 +218,7 @@ def markdown(result: dict) -> str:
     if protos:
         lines += ["### Prototypes per branch (ProtoPRVR)", ""] + _md(
             ["prototypes", *recall_h, "bytes/video", "FLOPs/query/video"],
-            [[label, *_recalls(r["metrics"]), r["bytes_per_video"], f"{r['flops_per_query_per_video']:,}"]
+            [[label, *_recalls(r["metrics"]), f"{r['bytes_per_video']:,}", f"{r['flops_per_query_per_video']:,}"]
              for label, r in protos]) + [""]
     return "\n".join(lines)
 

@@ -88,6 +88,8 @@ def test_bench_accuracy_trains_measures_and_reuses(cli, tiny_bench, tmp_path):
     assert code == 0, err
     assert err.count("reusing the finished run") == len(res["results"])
     assert f"| protoprvr | {proto['metrics']['R@1']:.2f} |" in md and "### Ablation" in md
+    assert md.index("| retrieval |") < md.index("| retrieval+crecon |") < md.index("| retrieval+crecon+urecon+attn+ortho |")
+    assert md.index("\n| 2 |") < md.index("\n| 4 |")
 
     # other settings (here the batch size) never overwrite what is there
     code, out, err = cli(*args, "--batch-videos", "4", index=False)

@@ -238,6 +238,9 @@ def accuracy_cmd(
     result = bench_accuracy.bench_accuracy(dataset, runs, preset_list, ablation_preset, counts, table_list, budget,
                                            dev, seed, console)
     result["plots"] = [str(p) for p in bench_accuracy.plot(result, plots or runs)]
-    (runs / "bench_accuracy.json").write_text(json.dumps(result, indent=2))
-    _say(f"results in {runs / 'bench_accuracy.json'}; plots: {', '.join(result['plots'])}")
+    # the full report keeps its own name, so a partial rerun (--tables) never replaces it
+    record = runs / ("bench_accuracy.json" if set(table_list) == set(bench_accuracy.TABLES)
+                     else f"bench_accuracy-{'+'.join(table_list)}.json")
+    record.write_text(json.dumps(result, indent=2))
+    _say(f"results in {record}; plots: {', '.join(result['plots'])}")
     write_line(json.dumps(result) if as_json else bench_accuracy.markdown(result))

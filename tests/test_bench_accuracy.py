@@ -91,6 +91,12 @@ def test_bench_accuracy_trains_measures_and_reuses(cli, tiny_bench, tmp_path):
     assert md.index("| retrieval |") < md.index("| retrieval+crecon |") < md.index("| retrieval+crecon+urecon+attn+ortho |")
     assert md.index("\n| 2 |") < md.index("\n| 4 |")
 
+    # a partial rerun writes its own record and leaves the full one alone
+    full = (runs / "bench_accuracy.json").read_text()
+    code, out, err = cli(*args, "--tables", "prototypes", "--prototypes", "2", index=False)
+    assert code == 0, err
+    assert (runs / "bench_accuracy.json").read_text() == full and (runs / "bench_accuracy-prototypes.json").is_file()
+
     # other settings (here the batch size) never overwrite what is there
     code, out, err = cli(*args, "--batch-videos", "4", index=False)
     assert code == 2 and "another --runs" in err and "tiny_protoprvr" in err

@@ -153,8 +153,13 @@ class PRVRData:
         return PRVRData(splits, {**self.source, "train_subset": n_videos, "train_subset_seed": seed})
 
     def summary(self) -> str:
-        parts = [f"{n}: {s.n_videos} videos / {s.n_queries} queries" for n, s in self.splits.items()]
+        parts = [f"{n}: {counted(s.n_videos, 'video')} / {counted(s.n_queries, 'query', 'queries')}" for n, s in self.splits.items()]
         return f"{self.source['layout']} {self.source.get('collection', '')} ({'; '.join(parts)})".strip()
+
+
+def counted(n: int, singular: str, plural: str | None = None) -> str:
+    """'1 video', '2 videos'."""
+    return f"{n} {singular if n == 1 else plural or singular + 's'}"
 
 
 # ---------------------------------------------------------------------------- captions
@@ -377,7 +382,11 @@ def load_mssl(root: Path, coll: str, feat: str, text_feature: str | None = None,
 # ---------------------------------------------------------------------------- own videos
 
 def read_caption_jsonl(path: Path) -> list[dict]:
-    """Records {"video", "caption", optional "start", "end"} of a JSON Lines captions file."""
+    """Records {"video", "caption", optional "start", "end"} of a JSON Lines captions file.
+
+    A line may also name its video as "file" and carry several captions as "captions": [text, ...];
+    such a line becomes one record per caption (none for an empty list: a video with no caption yet).
+    """
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -390,13 +399,16 @@ def read_caption_jsonl(path: Path) -> list[dict]:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-        valid = isinstance(rec, dict) and isinstance(rec.get("video"), str) and isinstance(rec.get("caption"), str)
-        if not valid or not rec["caption"].strip():
+        rec = rec if isinstance(rec, dict) else {}
+        video = rec.get("video", rec.get("file"))
+        texts = rec["captions"] if isinstance(rec.get("captions"), list) else [rec.get("caption")]
+        if not isinstance(video, str) or not all(isinstance(t, str) and t.strip() for t in texts):
             raise DataError(f'{path}:{n}: expected {{"video": path, "caption": text}}, got {line[:80]}')
         for key in ("start", "end"):
             if key in rec and not isinstance(rec[key], (int, float)):
                 raise DataError(f"{path}:{n}: {key!r} must be a number of seconds, got {rec[key]!r}")
-        records.append(rec)
+        extra = {k: rec[k] for k in ("start", "end") if k in rec}
+        records += [{"video": video, "caption": text, **extra} for text in texts]
     if not records:
         raise DataError(f"captions file {path} has no captions; write one JSON object per line")
     return records

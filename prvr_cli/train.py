@@ -14,6 +14,7 @@ import json
 import math
 import random
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .datasets import PRVRData, Split
+from .datasets import PRVRData, Split, counted
 from .errors import DataError, PrvrError, UsageError
 from .evaluate import evaluate
 from .factory import create_model, override, save_checkpoint
@@ -32,6 +33,8 @@ TRAIN_DEFAULTS = {"optimizer": "adamw", "lr": 2.5e-4, "weight_decay": 0.01, "war
 # Settings that may change when a run is resumed: they only decide when to stop.
 # (Raising max_epochs stretches the remaining linear decay over the new total.)
 STOP_KEYS = ("max_epochs", "patience")
+# Below this many val videos, val recall is too coarse to select an epoch (a warning says so).
+MIN_VAL_VIDEOS = 10
 
 
 def resolve_device(name: str) -> torch.device:
@@ -250,6 +253,11 @@ class Trainer:
         max_epochs, patience = int(self.settings["max_epochs"]), int(self.settings["patience"])
         self.console.print(f"[bold]prvr train[/] {self.config.get('preset', self.config['method'])} on "
                            f"{self.data.summary()} | device {self.device} | {self.steps_per_epoch} steps/epoch")
+        n_val = self.data.splits["val"].n_videos
+        if n_val < MIN_VAL_VIDEOS:
+            warnings.warn(f"the val split holds only {counted(n_val, 'video')}, so val recall is coarse (a query ranks "
+                          f"among {n_val}) and picks the best epoch poorly; with your own videos, 10% of the captioned "
+                          f"videos are held out for val, so caption {MIN_VAL_VIDEOS * 10} or more")
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())
         with Progress(*columns, console=self.console, transient=True) as progress:
@@ -259,7 +267,8 @@ class Trainer:
                 train_s = time.perf_counter() - start
                 val = evaluate(self.model, self.data.splits["val"], self.device)
                 self.epoch += 1
-                improved = self.best is None or val["SumR"] > self.best["val"]["SumR"]
+                # A tie goes to the later, longer-trained epoch: a tiny val split saturates at SumR 400.
+                improved = self.best is None or val["SumR"] >= self.best["val"]["SumR"]
                 self.history.append({"epoch": self.epoch, "losses": losses, "val": val, "train_seconds": train_s,
                                      "eval_seconds": time.perf_counter() - start - train_s})
                 if improved:

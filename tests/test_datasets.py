@@ -293,6 +293,21 @@ def test_index_loader(tmp_path, fake_store):
     assert again.splits["val"].video_ids == data.splits["val"].video_ids
 
 
+def test_index_loader_takes_file_and_caption_lists(tmp_path, fake_store):
+    """{"file", "captions": [...]} lines (one video, several captions) give one query per caption."""
+    lines = [{"file": f"lib/clip{i}.mp4", "captions": [f"thing {i}", f"other {i}", f"third {i}"]} for i in range(12)]
+    lines.append({"file": "lib/clip0.mp4", "captions": [], "source": "no caption yet: skipped"})
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text("\n".join(json.dumps(x) for x in lines))
+    data = load_index(tmp_path / "idx", caps, seed=1, encoder=FakeEncoder())
+    assert data.splits["train"].n_queries == 33 and data.splits["val"].n_queries == 3
+    for bad in ({"file": "lib/clip0.mp4", "captions": "one"}, {"file": "lib/clip0.mp4", "captions": ["ok", 3]},
+                {"file": "lib/clip0.mp4", "captions": ["ok", " "]}):
+        caps.write_text(json.dumps(bad) + "\n")
+        with pytest.raises(DataError, match="caps.jsonl:1: expected"):
+            load_index(tmp_path / "idx", caps, encoder=FakeEncoder())
+
+
 def test_index_loader_errors(tmp_path, fake_store):
     caps = tmp_path / "caps.jsonl"
     caps.write_text(json.dumps({"video": "lib/missing.mp4", "caption": "x"}) + "\n")

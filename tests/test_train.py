@@ -91,6 +91,18 @@ def test_loss_falls_and_recall_beats_chance(toy, tmp_path):
     assert evaluate(model, data.splits["test"]) == pytest.approx(summary["test"])
 
 
+def test_tiny_val_split_warns_and_ties_keep_the_later_epoch(tmp_path):
+    """With one val video every epoch scores SumR 400: best.pt must be the last epoch, not the first."""
+    root = tmp_path / "data"
+    write_h5_dataset(root, data=synthetic(n_videos=(12, 1, 4)))
+    data = load_features(root, "toy", "cg")
+    config = {**CONFIG, "train": {**CONFIG["train"], "max_epochs": 3}}
+    with pytest.warns(UserWarning, match="val split holds only 1 video,"):
+        summary = train(config, data, tmp_path / "run", device="cpu", seed=0)
+    assert [h["val"]["SumR"] for h in summary["history"]] == [400.0] * 3
+    assert summary["best_epoch"] == 3 and "val: 1 video / " in data.summary()
+
+
 def test_batches_hold_every_video_with_all_its_queries(toy):
     _, data = toy
     train_split = data.splits["train"]

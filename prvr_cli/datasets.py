@@ -153,7 +153,8 @@ class PRVRData:
         return PRVRData(splits, {**self.source, "train_subset": n_videos, "train_subset_seed": seed})
 
     def summary(self) -> str:
-        parts = [f"{n}: {counted(s.n_videos, 'video')} / {counted(s.n_queries, 'query', 'queries')}" for n, s in self.splits.items()]
+        parts = [f"{n}: {counted(s.n_videos, 'video')} / {counted(s.n_queries, 'query', 'queries')}"
+                 for n, s in self.splits.items()]
         return f"{self.source['layout']} {self.source.get('collection', '')} ({'; '.join(parts)})".strip()
 
 
@@ -403,7 +404,8 @@ def read_caption_jsonl(path: Path) -> list[dict]:
         video = rec.get("video", rec.get("file"))
         texts = rec["captions"] if isinstance(rec.get("captions"), list) else [rec.get("caption")]
         if not isinstance(video, str) or not all(isinstance(t, str) and t.strip() for t in texts):
-            raise DataError(f'{path}:{n}: expected {{"video": path, "caption": text}}, got {line[:80]}')
+            raise DataError(f'{path}:{n}: expected {{"video": path, "caption": text}} or '
+                            f'{{"file": path, "captions": [text, ...]}}, got {line[:80]}')
         for key in ("start", "end"):
             if key in rec and not isinstance(rec[key], (int, float)):
                 raise DataError(f"{path}:{n}: {key!r} must be a number of seconds, got {rec[key]!r}")

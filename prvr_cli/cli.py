@@ -52,7 +52,7 @@ def _builder(model: Optional[str], encoder_spec: dict, device: str):
 
 @app.command()
 def ingest(
-    paths: List[Path] = typer.Argument(..., help="Video files or folders (searched recursively)."),
+    paths: List[Path] = typer.Argument(..., metavar="PATH", help="Video files or folders (searched recursively)."),
     index: Optional[Path] = IndexOpt,
     glob: Optional[str] = typer.Option(None, "--glob", help="Only files whose name or relative path matches."),
     fps: Optional[float] = typer.Option(None, "--fps", help="Frames sampled per second [default 3]."),
@@ -157,7 +157,8 @@ MAX_QUERY_CHARS = 2000
 
 @app.command()
 def search(
-    query: str = typer.Argument(..., help="What happens in the moment you look for; - reads one query per line from stdin."),
+    query: str = typer.Argument(..., metavar="QUERY",
+                               help="What happens in the moment you look for; - reads one query per line from stdin."),
     index: Optional[Path] = IndexOpt,
     top_k: Optional[int] = typer.Option(None, "-k", "--top-k", help="Number of videos to return [default 10]."),
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
@@ -269,6 +270,7 @@ def info(
     from .store import Index, describe_builder
 
     idx = Index.open(_index_path(index))
+    idx.verify()
     enc, builder = idx.encoder_spec or {}, idx.builder_spec or {}
     data = {"index": str(idx.root), "format": idx.meta["format"], "videos": idx.count(),
             "disk_bytes": _du(idx.root), "encoder": enc, "builder": builder, "table_versions": idx.versions(),
@@ -338,47 +340,70 @@ _IO_ERRORS = {errno.ENOSPC: ("no space left on the device; free space and run ag
               errno.EACCES: ("permission denied", ExitCode.USAGE),
               errno.EPERM: ("operation not permitted", ExitCode.USAGE)}
 
+# typer < 0.26 raises click's exceptions; typer >= 0.26 vendors click and raises its own copies. Both are found
+# from typer's public names, so usage errors exit 2 whichever typer is installed.
+CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+# What Ctrl-C leaves behind, per command (the first word of the command line).
+_INTERRUPTED = {"ingest": "interrupted; finished videos are kept",
+                "reindex": "interrupted; the index keeps its previous prototypes",
+                "train": "interrupted; last.pt holds the last finished epoch, continue with --resume",
+                "bench": "interrupted; finished runs are kept and reused by the next run"}
+
+
+def _report(e: Exception) -> int:
+    """One line on stderr for an exception the commands did not handle; returns the exit code."""
+    if isinstance(e, OSError) and e.errno in _IO_ERRORS:
+        where = f" ({e.filename})" if e.filename else ""
+        stderr.print(f"prvr: error: {_IO_ERRORS[e.errno][0]}{where}", markup=False, soft_wrap=True)
+        return _IO_ERRORS[e.errno][1]
+    if _is_lance_error(e):  # the tables' files are damaged or unreadable
+        if os.environ.get("PRVR_DEBUG"):
+            raise e
+        stderr.print("prvr: error: the index's tables are damaged or unreadable; restore the index folder from "
+                     "a backup or re-ingest into a new one (PRVR_DEBUG=1 shows the storage engine's message)",
+                     markup=False, soft_wrap=True)
+        return ExitCode.CORRUPT
+    if os.environ.get("PRVR_DEBUG"):
+        raise e
+    stderr.print(f"prvr: internal error: {type(e).__name__}: {e} (set PRVR_DEBUG=1 for the traceback and "
+                 "report it)", markup=False, soft_wrap=True)
+    return ExitCode.INTERNAL
+
+
+def _is_lance_error(e: Exception) -> bool:
+    text = str(e)
+    return "LanceError" in text or "lance error" in text or type(e).__module__.split(".")[0] in ("lance", "lancedb")
+
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turn known errors into one line and an exit code."""
-    import click
-
     import warnings
 
     warnings.showwarning = lambda message, *args, **kwargs: stderr.print(f"prvr: warning: {message}", markup=False)
+    args = sys.argv[1:] if argv is None else list(argv)
     command = typer.main.get_command(app)
     try:
-        code = command.main(args=argv, prog_name="prvr", standalone_mode=False) or 0
+        code = command.main(args=args, prog_name="prvr", standalone_mode=False) or 0
     except PrvrError as e:
+        if os.environ.get("PRVR_DEBUG") and e.__cause__ is not None:
+            raise
         stderr.print(f"prvr: error: {e}", markup=False, highlight=False, soft_wrap=True)
         code = e.exit_code
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         code = e.exit_code
-    except click.ClickException as e:
+    except CLICK_ERROR as e:  # usage errors: missing argument, unknown option or command, bad value
         e.show(file=sys.stderr)
         code = ExitCode.USAGE
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         code = ExitCode.INTERRUPTED
     except (BrokenPipeError, StdoutClosed):
         code = 0
     except Exception as e:
-        if isinstance(e, OSError) and e.errno in _IO_ERRORS:
-            where = f" ({e.filename})" if e.filename else ""
-            stderr.print(f"prvr: error: {_IO_ERRORS[e.errno][0]}{where}", markup=False, soft_wrap=True)
-            code = _IO_ERRORS[e.errno][1]
-        elif "LanceError" in str(e) or "lance error" in str(e):  # the tables' files are damaged or unreadable
-            reason = str(e).splitlines()[0].split(", /rustc")[0][:200]
-            stderr.print(f"prvr: error: the index's tables are unreadable ({reason}); restore the index folder from "
-                         "a backup or re-ingest into a new one", markup=False, soft_wrap=True)
-            code = ExitCode.CORRUPT
-        else:
-            if os.environ.get("PRVR_DEBUG"):
-                raise
-            stderr.print(f"prvr: internal error: {type(e).__name__}: {e} (set PRVR_DEBUG=1 for the traceback and "
-                         "report it)", markup=False, soft_wrap=True)
-            code = ExitCode.INTERNAL
+        code = _report(e)
     if code == ExitCode.INTERRUPTED:  # typer turns Ctrl-C into a silent exit 130
-        stderr.print("prvr: interrupted; finished videos are kept", markup=False)
+        verb = next((a for a in args if not a.startswith("-")), "")
+        stderr.print(f"prvr: {_INTERRUPTED.get(verb, 'interrupted')}", markup=False)
     try:
         sys.stdout.flush()
     except (BrokenPipeError, ValueError):

@@ -93,7 +93,7 @@ def search_cmd(
 
 @bench_app.command("ingest")
 def ingest_cmd(
-    path: Path = typer.Argument(..., help="A folder (or file) of videos."),
+    path: Path = typer.Argument(..., metavar="PATH", help="A folder (or file) of videos."),
     clip_model: str = typer.Option("ViT-B-32", "--clip-model", help="open_clip model name or config .json."),
     clip_pretrained: str = typer.Option("none", "--clip-pretrained",
                                         help="none (random weights: same speed as trained ones), a tag, or a file."),

@@ -213,15 +213,32 @@ class Index:
     # ----- tables -------------------------------------------------------------------------
 
     def _table(self, name: str):
+        """The LanceDB table `name`, or None if it was never written; CorruptError if it is there but unreadable."""
         try:
             return self.db.open_table(name)
-        except (FileNotFoundError, ValueError):
-            return None
         except Exception as e:
-            if "not found" in str(e).lower() or "does not exist" in str(e).lower():
+            missing = isinstance(e, (FileNotFoundError, ValueError)) or "not found" in str(e).lower() \
+                or "does not exist" in str(e).lower()
+            if missing and not (self.root / "db" / f"{name}.lance").exists():
                 return None
-            raise CorruptError(f"table {name} of index {self.root} is unreadable ({str(e).splitlines()[0][:160]}); "
-                               "restore the index folder from a backup or re-ingest into a new one") from e
+            raise self.unreadable(f"its {name} table") from e
+
+    def unreadable(self, what: str) -> CorruptError:
+        """The error for damaged table files, in our words (PRVR_DEBUG=1 shows the storage engine's own)."""
+        return CorruptError(f"index {self.root}: {what} is damaged or unreadable; restore the index folder from a "
+                            "backup or re-ingest into a new one")
+
+    def verify(self) -> None:
+        """Read a column of every row of each table, so damaged data files are found (CorruptError)."""
+        for name in ("videos", "frames"):
+            table = self._table(name)
+            if table is None:
+                continue
+            try:
+                table.count_rows()
+                table.search().select(["path"]).limit(None).to_arrow()
+            except Exception as e:
+                raise self.unreadable(f"its {name} table") from e
 
     @property
     def videos(self):

@@ -318,14 +318,16 @@ def test_damaged_tables_are_reported(cli, videos):
     for f in data_files:
         f.write_bytes(b"\x00" * 64)
     shutil.rmtree(cli.index / "cache", ignore_errors=True)
-    for command in (["search", "x"], ["list"]):
-        code, _, err = cli(*command)
+    for command in (["search", "x"], ["list"], ["info"], ["info", "--json"]):
+        code, out, err = cli(*command)
         no_traceback(err)
         assert code == ExitCode.CORRUPT and "re-ingest" in err, (command, code, err)
+        assert ".cargo" not in err and "/rustc" not in err and out == ""
     shutil.rmtree(cli.index / "db" / "videos.lance" / "_versions")
-    code, _, err = cli("search", "x")
-    no_traceback(err)
-    assert code in (ExitCode.CORRUPT, ExitCode.NO_INDEX), err
+    for command in (["search", "x"], ["list"], ["info"]):
+        code, _, err = cli(*command)
+        no_traceback(err)
+        assert code == ExitCode.CORRUPT and "videos table is damaged" in err, (command, err)
 
 
 def _checkpoint(path: Path, dim: int) -> Path:

@@ -26,6 +26,38 @@ METHODS = {
 
 CHECKPOINT_FORMAT = 1
 
+# The optimiser and schedule of `prvr train`; a config's "train" section overrides these.
+TRAIN_DEFAULTS = {"optimizer": "adamw", "lr": 2.5e-4, "weight_decay": 0.01, "warmup": 0.01, "schedule": "linear",
+                  "batch_videos": 128, "max_epochs": 100, "patience": 10, "grad_clip": 1.0}
+SECTIONS = ("method", "preset", "model", "train")
+
+
+def merge_config(defaults: dict, cfg: dict | None, where: str) -> dict:
+    """`defaults` overridden by `cfg`, one level of nested sections deep; an unknown key is a usage error.
+
+    A typo (`n_protoypes`) would otherwise train the default model silently.
+    """
+    cfg = dict(cfg or {})
+    unknown = sorted(set(cfg) - set(defaults))
+    if unknown:
+        raise UsageError(f"unknown {where} setting(s): {', '.join(unknown)}; known: {', '.join(sorted(defaults))}")
+    merged = {**defaults, **cfg}
+    for key, value in defaults.items():
+        if isinstance(value, dict):
+            if not isinstance(cfg.get(key, {}), dict):
+                raise UsageError(f"{where}.{key} must be a table of settings ({', '.join(sorted(value))})")
+            merged[key] = merge_config(value, cfg.get(key), f"{where}.{key}")
+    return merged
+
+
+def check_config(config: dict) -> None:
+    """Refuse a config with an unknown section or key, before any data is loaded."""
+    unknown = sorted(set(config) - set(SECTIONS))
+    if unknown:
+        raise UsageError(f"unknown config section(s): {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
+    merge_config(model_class(config["method"]).DEFAULTS, config.get("model"), f"{config['method']} model")
+    merge_config(TRAIN_DEFAULTS, config.get("train"), "train")
+
 
 def zoo_dirs() -> list[Path]:
     """Folders holding model configs: the packaged copy, then the source checkout's `models/`."""

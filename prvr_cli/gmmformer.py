@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import layers
+from .factory import merge_config
 from .mssl import (PositionalEncoding, QueryEncoder, SelfAttentionLayer, dot_and_cosine, init_weights, l2_rows,
-                   merge_config, video_chunk_size)
+                   video_chunk_size)
 from .retrieval import QueryEncoding, TrainBatch, VideoEncoding, WeightedBranchModel
 from .retrieval_losses import infonce_loss, query_diverse_loss, triplet_loss
 
@@ -76,7 +77,7 @@ class GMMFormer(WeightedBranchModel):
     def __init__(self, video_dim: int, text_dim: int, cfg: dict | None = None):
         super().__init__()
         self.video_dim, self.text_dim = video_dim, text_dim
-        self.cfg = cfg = merge_config(self.DEFAULTS, cfg, self.method)
+        self.cfg = cfg = merge_config(self.DEFAULTS, cfg, f"{self.method} model")
         D, drop, in_drop, heads = cfg["hidden_size"], cfg["dropout"], cfg["input_dropout"], cfg["n_heads"]
         n_w = len(cfg["gauss_widths"])
         self.query_encoder = QueryEncoder(text_dim, cfg)

@@ -28,21 +28,12 @@ from torch import nn
 
 from . import layers
 from .errors import UsageError
+from .factory import merge_config
 from .retrieval import QueryEncoding, TrainBatch, VideoEncoding, WeightedBranchModel
 from .retrieval_losses import infonce_loss, paired_infonce_loss, triplet_loss
 
 # Element budget of one scoring block (queries x videos x max(proposals, frames, dim)).
 SCORE_BLOCK_ELEMENTS = 1 << 25
-
-
-def merge_config(defaults: dict, cfg: dict | None, method: str) -> dict:
-    """Defaults overridden by `cfg`; unknown keys are a usage error (typos would otherwise pass silently)."""
-    cfg = dict(cfg or {})
-    unknown = sorted(set(cfg) - set(defaults))
-    if unknown:
-        raise UsageError(f"unknown {method} model setting(s): {', '.join(unknown)}; "
-                         f"known: {', '.join(sorted(defaults))}")
-    return {**defaults, **cfg}
 
 
 def l2_rows(x: torch.Tensor, enabled: bool = True, eps: float = 1e-5) -> torch.Tensor:
@@ -153,7 +144,7 @@ class MSSL(WeightedBranchModel):
     def __init__(self, video_dim: int, text_dim: int, cfg: dict | None = None):
         super().__init__()
         self.video_dim, self.text_dim = video_dim, text_dim
-        self.cfg = cfg = merge_config(self.DEFAULTS, cfg, self.method)
+        self.cfg = cfg = merge_config(self.DEFAULTS, cfg, f"{self.method} model")
         D, drop, in_drop = cfg["hidden_size"], cfg["dropout"], cfg["input_dropout"]
         self.query_encoder = QueryEncoder(text_dim, cfg)
         self.clip_proj = layers.InputProjection(video_dim, D, in_drop)

@@ -43,8 +43,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import protoprvr_losses as L
-from .retrieval_losses import infonce_loss, triplet_loss
 from .errors import UsageError
+from .factory import merge_config
+from .retrieval_losses import infonce_loss, triplet_loss
 from .layers import (AttentionPool, InputProjection, downsample_frames, span_means, span_to_token,
                      uniform_bins)
 from .retrieval import QueryEncoding, RetrievalModel, TrainBatch, VideoEncoding
@@ -151,28 +152,30 @@ class ProtoPRVR(RetrievalModel):
 
     method = "protoprvr"
 
+    DEFAULTS = {
+        "hidden": 384, "heads": 4, "ff_dim": None,  # None: same as hidden
+        "dropout": 0.1, "n_prototypes": 30, "iterations": 1,
+        "max_frames": 128, "n_clips": 32, "max_words": 77,  # CLIP's text context; longer queries are truncated
+        "clip_weight": 0.7, "frame_weight": 0.3, "losses": DEFAULT_LOSSES,
+        "margin": 0.1, "hard_negative_start_epoch": 20, "hard_pool_size": 20,
+        "crecon_mask_ratio": 0.3, "crecon_temperature": 0.07, "crecon_layers": 1, "attn_beta": 0.2,
+    }
+
     def __init__(self, video_dim: int, text_dim: int, cfg: dict | None = None):
         super().__init__()
-        cfg = dict(cfg or {})
+        cfg = merge_config(self.DEFAULTS, cfg, f"{self.method} model")
         self.video_dim, self.text_dim = video_dim, text_dim
-        hidden = cfg.get("hidden", 384)
-        heads = cfg.get("heads", 4)
-        ff_dim = cfg.get("ff_dim", hidden)
-        dropout = cfg.get("dropout", 0.1)
-        n_prototypes, iterations = cfg.get("n_prototypes", 30), cfg.get("iterations", 1)
-        self.max_frames, self.n_clips = cfg.get("max_frames", 128), cfg.get("n_clips", 32)
-        self.max_words = cfg.get("max_words", 77)  # CLIP's text context; longer queries are truncated
-        self.clip_weight, self.frame_weight = cfg.get("clip_weight", 0.7), cfg.get("frame_weight", 0.3)
-        unknown = set(cfg.get("losses", {})) - set(DEFAULT_LOSSES)
-        if unknown:
-            raise UsageError(f"unknown protoprvr loss {sorted(unknown)}; known losses: {', '.join(DEFAULT_LOSSES)}")
-        self.loss_weights = {**DEFAULT_LOSSES, **cfg.get("losses", {})}
-        self.margin = cfg.get("margin", 0.1)
-        self.hard_negative_start = cfg.get("hard_negative_start_epoch", 20)
-        self.hard_pool = cfg.get("hard_pool_size", 20)
-        self.crecon_ratio = cfg.get("crecon_mask_ratio", 0.3)
-        self.crecon_temperature = cfg.get("crecon_temperature", 0.07)
-        self.beta = cfg.get("attn_beta", 0.2)
+        hidden, heads, ff_dim, dropout = cfg["hidden"], cfg["heads"], cfg["ff_dim"] or cfg["hidden"], cfg["dropout"]
+        n_prototypes, iterations = cfg["n_prototypes"], cfg["iterations"]
+        self.max_frames, self.n_clips, self.max_words = cfg["max_frames"], cfg["n_clips"], cfg["max_words"]
+        self.clip_weight, self.frame_weight = cfg["clip_weight"], cfg["frame_weight"]
+        self.loss_weights = cfg["losses"]
+        self.margin = cfg["margin"]
+        self.hard_negative_start = cfg["hard_negative_start_epoch"]
+        self.hard_pool = cfg["hard_pool_size"]
+        self.crecon_ratio = cfg["crecon_mask_ratio"]
+        self.crecon_temperature = cfg["crecon_temperature"]
+        self.beta = cfg["attn_beta"]
 
         def encoder_layer():
             return nn.TransformerEncoderLayer(hidden, heads, ff_dim, dropout, batch_first=True)
@@ -197,7 +200,7 @@ class ProtoPRVR(RetrievalModel):
         self.mask_token = nn.Parameter(torch.randn(hidden) * 0.02)
         self.crecon_pos = PositionalEmbedding(self.max_words, hidden, dropout)
         self.crecon_cross = CrossAttentionBlock(hidden, heads, ff_dim, dropout)
-        self.crecon_self = nn.ModuleList(encoder_layer() for _ in range(cfg.get("crecon_layers", 1)))
+        self.crecon_self = nn.ModuleList(encoder_layer() for _ in range(cfg["crecon_layers"]))
         self.crecon_head = nn.Linear(hidden, hidden)
         # uni-modal reconstruction: one MLP per branch decodes prototypes into frame features
         self.urecon_decoder = nn.ModuleDict({

@@ -66,9 +66,10 @@ class TrainBatch:
 
 
 class RetrievalModel(nn.Module):
-    """Base class: subclasses implement the four methods below."""
+    """Base class: subclasses implement the four methods below and list every config key in DEFAULTS."""
 
     method: str = ""
+    DEFAULTS: dict = {}  # the model section's keys and default values; a key not here is refused
 
     def encode_videos(self, frames: torch.Tensor, frame_mask: torch.Tensor) -> VideoEncoding:
         raise NotImplementedError

@@ -10,12 +10,9 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import UsageError
+import tomllib
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+from .errors import UsageError
 
 
 def _xdg(var: str, fallback: str) -> Path:
@@ -46,6 +43,8 @@ DEFAULTS = {
     "batch_size": lambda: 64,
     "top_k": lambda: 10,
 }
+# Settings a config file may hold: those above, and the trained model (no default: zero-shot prototypes).
+KNOWN = sorted([*DEFAULTS, "model"])
 
 
 @lru_cache(maxsize=None)
@@ -54,9 +53,13 @@ def _config_file(path: str) -> dict:
     if not p.is_file():
         return {}
     try:
-        return tomllib.loads(p.read_text())
+        values = tomllib.loads(p.read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise UsageError(f"config file {p} is not valid TOML ({e}); fix or remove it") from e
+    unknown = sorted(set(values) - set(KNOWN))
+    if unknown:
+        raise UsageError(f"config file {p}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(KNOWN)}")
+    return values
 
 
 def resolve(name: str, flag=None, cast=str, default=None):

@@ -25,11 +25,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .datasets import PRVRData, Split, counted
 from .errors import DataError, PrvrError, UsageError
 from .evaluate import evaluate
-from .factory import create_model, override, save_checkpoint
+from .factory import TRAIN_DEFAULTS, create_model, merge_config, override, save_checkpoint
 from .retrieval import TrainBatch
 
-TRAIN_DEFAULTS = {"optimizer": "adamw", "lr": 2.5e-4, "weight_decay": 0.01, "warmup": 0.01, "schedule": "linear",
-                  "batch_videos": 128, "max_epochs": 100, "patience": 10, "grad_clip": 1.0}
 # Settings that may change when a run is resumed: they only decide when to stop.
 # (Raising max_epochs stretches the remaining linear decay over the new total.)
 STOP_KEYS = ("max_epochs", "patience")
@@ -54,7 +52,7 @@ def seed_everything(seed: int) -> None:
 
 
 def train_settings(config: dict) -> dict:
-    settings = {**TRAIN_DEFAULTS, **config.get("train", {})}
+    settings = merge_config(TRAIN_DEFAULTS, config.get("train"), "train")
     if settings["optimizer"] != "adamw":
         raise UsageError(f"train.optimizer {settings['optimizer']!r} is not supported; use 'adamw'")
     if settings["schedule"] not in ("linear", "constant"):

@@ -235,3 +235,15 @@ def test_train_on_own_videos_then_ingest_and_search_with_it(cli, videos, tmp_pat
     code, out2, _ = cli("search", "everything is blue", "-k", "4", "--json", "--index", other, index=False)
     fresh = [(h["path"], h["score"]) for h in json.loads(out2)["results"]]
     assert code == 0 and fresh == reindexed  # ingest --model and reindex --model store the same prototypes
+
+
+def test_unknown_config_file_keys_are_refused(cli, videos, tmp_path, monkeypatch):
+    config = tmp_path / "config.toml"
+    config.write_text("topk = 2\n")
+    monkeypatch.setenv("PRVR_CONFIG", str(config))
+    code, out, err = cli("search", "red")
+    assert code == 2 and "topk" in err and "top_k" in err and str(config) in err
+    config.write_text("top_k = 2\n")
+    assert cli.ingest(videos)[0] == 0
+    code, out, err = cli("search", "red", "--jsonl")
+    assert code == 0 and len(out.splitlines()) == 2

@@ -26,6 +26,7 @@ class TinyModel(RetrievalModel):
     """Linear maps of frames and mean tokens into a shared space; max-over-frames cosine; InfoNCE."""
 
     method = "tiny"
+    DEFAULTS = {"dim": 16, "dropout": 0.1, "temperature": 0.1}
 
     def __init__(self, video_dim, text_dim, cfg):
         super().__init__()
@@ -274,3 +275,28 @@ def test_protoprvr_trains_through_the_loop(toy, tmp_path):
     assert summary["test"]["SumR"] > 260 and summary["test"]["R@1"] > 12  # chance: R@1 8.3
     model, meta = load_checkpoint(tmp_path / "run" / "best.pt")
     assert meta["method"] == "protoprvr" and meta["feature_source"]["text_dim"] == data.text_dim
+
+
+@pytest.mark.parametrize("sets, says", [
+    (["model.n_protoypes=10"], "unknown protoprvr model setting(s): n_protoypes; known: "),
+    (["train.bogus_lr=5"], "unknown train setting(s): bogus_lr"),
+    (["model.losses.atn=0"], "unknown protoprvr model.losses setting(s): atn"),
+    (["modle.hidden=8"], "unknown config section(s): modle"),
+])
+def test_unknown_config_keys_are_refused_before_training(cli, toy, tmp_path, sets, says):
+    root, _ = toy
+    args = ["train", "--data", root, "--collection", "toy", "--out", tmp_path / "run", "--epochs", "1"]
+    code, out, err = cli(*args, *[a for s in sets for a in ("--set", s)], index=False)
+    assert code == 2 and says in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_preset_file_with_a_typo_is_refused(cli, toy, tmp_path):
+    root, _ = toy
+    preset = json.loads((factory.zoo_dirs()[0] / "protoprvr_anet.json").read_text())
+    preset["model"]["hiden"] = 64
+    path = tmp_path / "typo.json"
+    path.write_text(json.dumps(preset))
+    code, _, err = cli("train", "--data", root, "--collection", "toy", "--out", tmp_path / "run", "--preset", path,
+                       index=False)
+    assert code == 2 and "hiden" in err and "hidden" in err

@@ -283,15 +283,23 @@ def origins(split_captions: dict[str, list], files: dict[str, Path]) -> tuple[di
 
 # ---------------------------------------------------------------------------- h5 layout
 
-def read_h5(path: Path, keys, what: str) -> dict[str, np.ndarray]:
-    """float32 arrays of the datasets `keys` of an HDF5 file (missing keys are left out)."""
+def read_h5(path: Path, keys, what: str, aliases=lambda key: ()) -> dict[str, np.ndarray]:
+    """float32 arrays of the datasets `keys` of an HDF5 file, each found under its key or the first of its
+    `aliases(key)` the file holds (keys found under neither are left out)."""
     import h5py
 
     try:
         with h5py.File(path, "r") as f:
-            return {k: f[k][...].astype(np.float32) for k in keys if k in f}
+            found = {k: next((name for name in (k, *aliases(k)) if name in f), None) for k in keys}
+            return {k: f[name][...].astype(np.float32) for k, name in found.items() if name is not None}
     except OSError as e:
         raise DataError(f"cannot read {what} file {path}: {e}") from e
+
+
+def video_id_aliases(video_id: str) -> tuple[str, ...]:
+    """Other keys a video's features may be stored under: ActivityNet caption ids carry YouTube's `v_` prefix,
+    and some feature releases (MSC_PRVR's CLIP features) drop it, or the other way round."""
+    return (video_id[2:],) if video_id.startswith("v_") else (f"v_{video_id}",)
 
 
 def load_h5(root: Path, coll: str, feat: str, text_feature: str | None = None, seed: int = 0) -> PRVRData:
@@ -305,7 +313,7 @@ def load_h5(root: Path, coll: str, feat: str, text_feature: str | None = None, s
     files = caption_files(base / "TextData", coll)
     split_caps = split_with_val(files, seed)
     cap_origin, video_origin = origins(split_caps, files)
-    videos = read_h5(video_file, video_origin, "video feature")
+    videos = read_h5(video_file, video_origin, "video feature", aliases=video_id_aliases)
     require(video_origin, videos, "video", str(video_file))
     tokens = read_h5(text_file, cap_origin, "text feature")
     require(cap_origin, tokens, "caption", str(text_file))
@@ -410,7 +418,7 @@ def read_caption_jsonl(path: Path) -> list[dict]:
             if key in rec and not isinstance(rec[key], (int, float)):
                 raise DataError(f"{path}:{n}: {key!r} must be a number of seconds, got {rec[key]!r}")
         extra = {k: rec[k] for k in ("start", "end") if k in rec}
-        records += [{"video": video, "caption": text, **extra} for text in texts]
+        records += [{"video": video, "caption": text, "line": n, **extra} for text in texts]
     if not records:
         raise DataError(f"captions file {path} has no captions; write one JSON object per line")
     return records
@@ -432,16 +440,9 @@ def load_index(index_dir: Path, captions_file: Path, seed: int = 0, val_fraction
     if not spec or not features:
         raise DataError(f"index {index_dir} holds no frame features; run `prvr ingest` first")
 
-    def key(path: str) -> str:
-        p = Path(path).expanduser()
-        return str((p if p.is_absolute() else captions_file.parent / p).resolve())
-
-    caps = []
-    for n, rec in enumerate(records):
-        video = key(rec["video"])
-        if video not in features:
-            raise DataError(f"{captions_file}: video {rec['video']!r} is not in index {index_dir}; ingest it first")
-        caps.append((f"{video}#enc#{n}", video, rec["caption"].strip()))
+    match = VideoMatcher(captions_file, idx, features)
+    caps = [(f"{video}#enc#{n}", video, rec["caption"].strip())
+            for n, rec in enumerate(records) for video in [match(rec["video"], rec["line"])]]
     train, val = carve_val(caps, seed, val_fraction)
 
     if encoder is None:
@@ -461,6 +462,49 @@ def load_index(index_dir: Path, captions_file: Path, seed: int = 0, val_fraction
                     str(index_dir), str(captions_file))
 
 
+class VideoMatcher:
+    """Finds the indexed video a captions line names, so captions survive a copy or move of the library.
+
+    In order: the path itself (relative paths are relative to the captions file's folder), then a file at that
+    path with the same content as an indexed video, then the only indexed video with that file name.
+    """
+
+    def __init__(self, captions_file: Path, index, features: dict):
+        self.captions_file, self.index, self.features = captions_file, index, features
+        self.by_hash: dict[str, str] = {}
+        for path, (_, _, digest) in sorted(index.file_states().items()):
+            resolved = str(Path(path).resolve())
+            if resolved in features:
+                self.by_hash.setdefault(digest, resolved)
+        self.by_name: dict[str, list[str]] = {}
+        for path in sorted(features):
+            self.by_name.setdefault(Path(path).name, []).append(path)
+
+    def __call__(self, raw: str, line: int) -> str:
+        from .discover import content_hash
+
+        path = Path(raw).expanduser()
+        resolved = (path if path.is_absolute() else self.captions_file.parent / path).resolve()
+        if str(resolved) in self.features:
+            return str(resolved)
+        if resolved.is_file():
+            try:
+                found = self.by_hash.get(content_hash(resolved))
+            except OSError:
+                found = None
+            if found:
+                return found
+        named = self.by_name.get(resolved.name, [])
+        if len(named) == 1:
+            return named[0]
+        where = f"{self.captions_file}:{line}: video {raw!r} ({resolved})"
+        if named:
+            raise DataError(f"{where} is not in index {self.index.root}, and {len(named)} indexed videos are named "
+                            f"{resolved.name}; give the path it was ingested under")
+        raise DataError(f"{where} is not in index {self.index.root}, and no indexed video has its content or its "
+                        "file name; ingest it first")
+
+
 # ---------------------------------------------------------------------------- entry point
 
 def detect_layout(root: Path, coll: str, feat: str) -> str:
@@ -473,7 +517,17 @@ def detect_layout(root: Path, coll: str, feat: str) -> str:
         return "mssl"
     if not (Path(root) / coll).is_dir():
         raise DataError(f"collection folder {Path(root) / coll} not found; check --data and --collection")
-    raise DataError(f"no features named {feat!r}: neither {h5_file} nor {bin_file} exists; check --feature")
+    names = feature_names(Path(root), coll)
+    raise DataError(f"no features named {feat!r} in {Path(root) / coll}: neither {h5_file} nor {bin_file} exists; "
+                    + (f"features there: {', '.join(names)}" if names else "that collection has no features"))
+
+
+def feature_names(root: Path, coll: str) -> list[str]:
+    """The --feature names a collection offers, in either layout."""
+    base = Path(root) / coll / "FeatureData"
+    h5 = [p.stem[len(coll) + 1:] for p in base.glob(f"{coll}_*.h5")]
+    bigfile = [p.parent.name for p in base.glob("*/feature.bin")]
+    return sorted(set(h5 + bigfile))
 
 
 def load_features(root: Path, coll: str, feat: str, text_feature: str | None = None, seed: int = 0) -> PRVRData:

@@ -9,7 +9,6 @@ each decoder's time and abandons one that is stuck, reporting its file.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import queue
 import threading
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .decode import VideoInfo, decode_frames
+from .discover import content_hash
 from .errors import DecodeError, PrvrError
 from .store import Index, VideoRecord
 
@@ -70,15 +70,6 @@ class Summary:
             parts.append(f"{self.failed} failed")
         rate = self.frames / max(self.seconds, 1e-9)
         return f"indexed {', '.join(parts)}; {self.frames} frames in {self.seconds:.1f}s ({rate:.1f} frames/s)"
-
-
-def content_hash(path: Path) -> str:
-    """BLAKE2b of the whole file: recognises a moved or touched file without decoding it."""
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def make_plan(files: list[Path], known: dict[str, tuple[int, float, str]], prune: bool, workers: int) -> Plan:

@@ -253,8 +253,13 @@ def test_mssl_errors(tmp_path):
 # ------------------------------------------------------------------ own videos (index + captions)
 
 class FakeIndex:
+    root = "fake-index"
+
     def __init__(self, videos):
         self.videos = videos
+
+    def file_states(self):
+        return {path: (0, 0.0, f"hash-of-{Path(path).name}") for path in self.videos}
 
     def iter_frame_features(self):
         for path, feats in self.videos.items():
@@ -311,7 +316,8 @@ def test_index_loader_takes_file_and_caption_lists(tmp_path, fake_store):
 def test_index_loader_errors(tmp_path, fake_store):
     caps = tmp_path / "caps.jsonl"
     caps.write_text(json.dumps({"video": "lib/missing.mp4", "caption": "x"}) + "\n")
-    with pytest.raises(DataError, match="'lib/missing.mp4' is not in index"):
+    with pytest.raises(DataError, match=r"caps.jsonl:1: video 'lib/missing.mp4' \(.*/lib/missing.mp4\) is not in "
+                                         "index fake-index, and no indexed video has its content or its file name"):
         load_index(tmp_path / "idx", caps, encoder=FakeEncoder())
     caps.write_text('{"video": "lib/clip0.mp4"}\n')
     with pytest.raises(DataError, match="caps.jsonl:1: expected"):
@@ -400,3 +406,59 @@ def test_duplicate_caption_id(tmp_path):
     cap.write_text(cap.read_text() + "v000#enc#0 said twice\n")
     with pytest.raises(DataError, match="repeats caption id 'v000#enc#0'"):
         load_h5(tmp_path, "toy", "cg")
+
+
+def test_activitynet_features_keyed_without_the_v_prefix(tmp_path):
+    """MSC_PRVR's ActivityNet release: caption ids carry `v_`, its h5 video keys do not."""
+    data = synthetic(n_videos=(6, 2, 2))
+    renamed = {split: [(f"v_{vid}", frames, [(f"v_{cap}", text, tok) for cap, text, tok in caps])
+                       for vid, frames, caps in videos] for split, videos in data.items()}
+    base = tmp_path / "activitynet"
+    write_captions(base / "TextData", "activitynet", renamed)
+    (base / "FeatureData").mkdir(parents=True)
+    with h5py.File(base / "FeatureData" / "activitynet_clip_L14.h5", "w") as f:
+        for videos in data.values():
+            for vid, frames, _ in videos:
+                f[vid] = frames.astype(np.float16)  # no v_ here
+    with h5py.File(base / "TextData" / "activitynet_clip_L14.h5", "w") as f:
+        for videos in renamed.values():
+            for _, _, caps in videos:
+                for cap, _, tok in caps:
+                    f[cap] = tok.astype(np.float16)
+    loaded = load_features(tmp_path, "activitynet", "clip_L14")
+    assert loaded.splits["train"].video_ids[0] == "v_v000"
+    check_matches(loaded, renamed, tol=2e-2)
+
+
+def test_unknown_feature_name_lists_the_ones_there(tmp_path):
+    write_h5_dataset(tmp_path, feat="cg")
+    (tmp_path / "toy" / "FeatureData" / "clip_L14").mkdir()
+    (tmp_path / "toy" / "FeatureData" / "clip_L14" / "feature.bin").write_bytes(b"")
+    with pytest.raises(DataError, match="no features named 'i3d' in .*toy: .*; features there: cg, clip_L14$"):
+        load_features(tmp_path, "toy", "i3d")
+
+
+def test_captions_follow_a_copied_library(cli, videos, tmp_path):
+    """Captions written for one folder still match after the library is copied elsewhere and ingested there."""
+    import shutil
+
+    lines = [{"video": name, "caption": f"{name} happens"}
+             for name in ("red_green.mp4", "blue.mp4", "sub/yellow_magenta.avi", "cyan red.mp4")]
+    caps = videos / "captions.jsonl"
+    caps.write_text("\n".join(json.dumps(x) for x in lines))
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(videos, copy)
+    assert cli.ingest(copy)[0] == 0
+    # the original files are still there: matched by content
+    data = load_index(cli.index, caps, seed=0)
+    paths = set(data.splits["train"].video_ids + data.splits["val"].video_ids)
+    assert paths == {str(copy / line["video"]) for line in lines}
+    # the originals are gone: matched by their unique file names
+    shutil.rmtree(videos / "sub")
+    (videos / "blue.mp4").unlink()
+    data = load_index(cli.index, caps, seed=0)
+    assert set(data.splits["train"].video_ids + data.splits["val"].video_ids) == paths
+    # a name the index does not hold: the error names the line and the resolved path
+    caps.write_text(json.dumps({"video": "green.mp4", "caption": "x"}) + "\n")
+    with pytest.raises(DataError, match=rf"captions.jsonl:1: video 'green.mp4' \({videos}/green.mp4\) is not in"):
+        load_index(cli.index, caps, seed=0)

@@ -325,7 +325,7 @@ def test_kill_9_during_ingest_twenty_times(zygote, cli, tmp_path):
         log.append((f"{target}#{nth}/{when}", code, len(check_index(index))))
     # what is complete and current must not be redone
     states = check_index(index)
-    from prvr_cli.ingest import content_hash
+    from prvr_cli.discover import content_hash
     current = {str(p): content_hash(p) for p in sorted(lib.iterdir())}
     done = sum(states.get(p) == h for p, h in current.items())
     final = zygote.spawn(ingest_argv(index, lib))

@@ -435,7 +435,7 @@ def bench_ingest(path: str | Path, clip_model: str = "ViT-B-32", clip_pretrained
     from .prototypes import ZeroShotPrototypes
     from .store import Index
 
-    files = discover([Path(path)], None)
+    files = discover([Path(path)], None).files
     if not files:
         raise UsageError(f"{path}: no video files found; pass a folder or file of videos")
     with warnings.catch_warnings():

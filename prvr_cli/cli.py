@@ -17,7 +17,7 @@ import typer
 from . import settings
 from .errors import ExitCode, IndexMissingError, MismatchError, PrvrError, UsageError
 from .output import (IngestProgress, StdoutClosed, fmt_bytes, fmt_time, native_stderr_silenced, print_search, stderr,
-                     write_line)
+                     tsv_line, write_line)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None,
@@ -88,9 +88,12 @@ def ingest(
         raise UsageError("--workers and --batch-size must be at least 1")
     if decode_timeout is not None and decode_timeout < 0:
         raise UsageError(f"--decode-timeout {decode_timeout}: use a number of seconds, or 0 for no limit")
-    files = discover(paths, glob)
+    found = discover(paths, glob)
+    files = found.files
+    for path, why in found.skipped:
+        stderr.print(f"error: {path}: {why}", markup=False, soft_wrap=True)
     if not files:
-        stderr.print(f"warning: no video files found under {', '.join(map(str, paths))}")
+        stderr.print(f"error: no video files found under {', '.join(map(str, paths))}", markup=False, soft_wrap=True)
     idx = Index.open(_index_path(index), create=True)
     with idx.lock(wait=_waiting_message if wait else None):
         # flag > PRVR_* > config file > what the index was built with > built-in default
@@ -104,8 +107,7 @@ def ingest(
             raise MismatchError(f"index {idx.root} holds features of CLIP {old['clip_model']}/{old['clip_pretrained']}, "
                                 f"not {identity['clip_model']}/{identity['clip_pretrained']}; use the same encoder "
                                 "or another --index")
-        recorded_model = (idx.builder_spec or {}).get("checkpoint")
-        model = settings.resolve("model", model, default=recorded_model)
+        model = settings.resolve("model", model, default=idx.recorded_model())
         device = pick_device(settings.resolve("device", device))
         idx.repair()
         plan = make_plan(files, idx.file_states(), prune, workers)
@@ -130,7 +132,7 @@ def ingest(
     stderr.print(summary.line(), markup=False)
     if as_json:
         write_line(json.dumps({"index": str(idx.root), **summary.as_dict()}))
-    if summary.failed:
+    if summary.failed or found.skipped or not files:
         raise typer.Exit(ExitCode.PARTIAL)
 
 
@@ -139,20 +141,40 @@ def _waiting_message(root, holder: str) -> None:
                  "to finish (Ctrl-C to stop)", markup=False, soft_wrap=True)
 
 
-def _read_queries(query: str) -> list[str]:
-    if query == "-":
-        if sys.stdin.isatty():
-            stderr.print("reading queries from stdin, one per line (Ctrl-D to finish)")
-        queries = [line.strip() for line in sys.stdin if line.strip()]
-        if not queries:
-            raise UsageError("no queries on stdin; give one query per line")
-        return queries
-    if not query.strip():
-        raise UsageError("empty query; describe the moment you are looking for, e.g. prvr search \"a dog catches a frisbee\"")
-    return [query.strip()]
-
-
 MAX_QUERY_CHARS = 2000
+
+
+def _read_queries(query: str) -> tuple[list[str], int]:
+    """The queries to answer, and how many stdin lines were refused (each reported with its line number)."""
+    if query != "-":
+        problem = _query_problem(query)
+        if problem:
+            raise UsageError(problem + ("; describe the moment you are looking for, e.g. prvr search \"a dog "
+                                        "catches a frisbee\"" if not query.strip() else ""))
+        return [query.strip()], 0
+    if sys.stdin.isatty():
+        stderr.print("reading queries from stdin, one per line (Ctrl-D to finish)")
+    queries, refused = [], 0
+    for n, line in enumerate(sys.stdin, 1):
+        if not line.strip():
+            continue  # blank lines separate queries
+        problem = _query_problem(line.rstrip("\n"))
+        if problem:
+            stderr.print(f"prvr: error: stdin line {n}: {problem}; skipped", markup=False, soft_wrap=True)
+            refused += 1
+        else:
+            queries.append(line.strip())
+    if not queries:
+        raise UsageError("no queries on stdin; give one query per line")
+    return queries, refused
+
+
+def _query_problem(query: str) -> str | None:
+    if not query.strip():
+        return "empty query"
+    if len(query) > MAX_QUERY_CHARS:
+        return f"query of {len(query)} characters is too long (at most {MAX_QUERY_CHARS}); describe one moment"
+    return None
 
 
 @app.command()
@@ -169,6 +191,8 @@ def search(
     clip_pretrained: Optional[str] = ClipPretrainedOpt,
     model: Optional[str] = ModelOpt,
     device: Optional[str] = DeviceOpt,
+    keep_duplicates: bool = typer.Option(False, "--keep-duplicates", help="List identical copies of a file as "
+                                         "separate hits (by default they are one hit, with the others as copies)."),
 ):
     """Rank indexed videos for a query, with the time ranges that match it."""
     from .encode import ClipEncoder, describe, fingerprint
@@ -182,10 +206,7 @@ def search(
     k = settings.resolve("top_k", top_k, int)
     if not 1 <= k <= 10000:
         raise UsageError(f"-k {k}: ask for between 1 and 10000 results")
-    queries = _read_queries(query)
-    for q in queries:
-        if len(q) > MAX_QUERY_CHARS:
-            raise UsageError(f"query of {len(q)} characters is too long (at most {MAX_QUERY_CHARS}); describe one moment")
+    queries, refused = _read_queries(query)
     idx = Index.open(_index_path(index))
     if idx.count() == 0 or idx.encoder_spec is None:
         raise IndexMissingError(f"index {idx.root} is empty; add videos with `prvr ingest PATH`")
@@ -201,15 +222,19 @@ def search(
     encoder = ClipEncoder.load(enc_spec["source"]["clip_model"], enc_spec["source"]["clip_pretrained"] or "none",
                                dev, cache_dir=str(settings.cache_home() / "clip"))
     requested = settings.resolve("model", model)
-    builder = _builder(requested or builder_spec.get("checkpoint"), encoder.spec(), encoder.device)
+    builder = _builder(requested or idx.recorded_model(), encoder.spec(), encoder.device)
     if builder.spec()["fingerprint"] != builder_spec["fingerprint"]:
         from .store import describe_builder
         raise MismatchError(f"index {idx.root} holds prototypes from {describe_builder(builder_spec)}, not "
                             f"{describe_builder(builder.spec())}; search without --model or run `prvr reindex --model`")
-    paths, clip, frame = idx.search_matrices()
+    for q in queries:
+        if cut := encoder.cut_tokens(q):
+            stderr.print(f"prvr: warning: query {q[:40]!r}... is longer than the text encoder reads: its last {cut} "
+                         "tokens are ignored; describe one moment", markup=False, soft_wrap=True)
+    m = idx.search_matrices()
     q_clip, q_frame = builder.encode_queries(encoder, queries)
     weights = tuple(builder_spec["branch_weights"])
-    ranked = rank(paths, clip, frame, q_clip, q_frame, weights, k)
+    ranked = rank(m.paths, m.clip, m.frame, q_clip, q_frame, weights, k, hashes=None if keep_duplicates else m.hashes)
     rows = idx.rows(sorted({h.path for hits in ranked for h in hits}),
                     ["timestamps", "attn_clip", "attn_frame", "duration", "fps"])
     for hits in ranked:
@@ -217,6 +242,8 @@ def search(
     fmt = "json" if as_json else "jsonl" if as_jsonl else "paths" if paths_only else \
         "table" if sys.stdout.isatty() else "tsv"
     print_search(list(zip(queries, ranked)), fmt, nul)
+    if refused:
+        raise PrvrError(f"{refused} stdin line(s) were not answered (see above)", ExitCode.USAGE)
 
 
 @app.command("list")
@@ -240,17 +267,18 @@ def list_videos(
                                    "size": r["size"], "ingested_at": r["ingested_at"]}, ensure_ascii=False))
     elif sys.stdout.isatty():
         from rich.table import Table
+        from rich.text import Text
 
         from .output import stdout_console
         t = Table()
         for col, just in (("video", "left"), ("duration", "right"), ("frames", "right"), ("size", "right")):
             t.add_column(col, justify=just, overflow="fold")
         for r in rows:
-            t.add_row(r["path"], fmt_time(r["duration"]), str(r["n_frames"]), fmt_bytes(r["size"]))
+            t.add_row(Text(r["path"]), fmt_time(r["duration"]), str(r["n_frames"]), fmt_bytes(r["size"]))
         stdout_console().print(t)
     else:
         for r in rows:
-            write_line(f"{r['path']}\t{r['duration']:.2f}\t{r['n_frames']}\t{r['size']}")
+            write_line(tsv_line([r["path"], f"{r['duration']:.2f}", r["n_frames"], r["size"]]))
     total = sum(r["duration"] for r in rows)
     stderr.print(f"{len(rows)} videos, {fmt_time(total)} of video, {sum(r['n_frames'] for r in rows)} frames, "
                  f"{fmt_bytes(sum(r['size'] for r in rows))} of files; index uses {fmt_bytes(_du(idx.root))}",
@@ -315,6 +343,25 @@ def reindex(
         idx.recreate_videos_table(rows)
         idx.optimize()
     stderr.print(f"rebuilt prototypes of {len(rows)} videos with {builder.spec()['fingerprint']}", markup=False)
+
+
+@app.command()
+def compact(
+    index: Optional[Path] = IndexOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the sizes as JSON on stdout."),
+):
+    """Merge the index's small table files and delete every old table version (not while a search runs)."""
+    from .store import Index
+
+    idx = Index.open(_index_path(index))
+    before = _du(idx.root)
+    with idx.lock():
+        idx.optimize(grace=0)
+    after = _du(idx.root)
+    if as_json:
+        write_line(json.dumps({"index": str(idx.root), "bytes_before": before, "bytes_after": after}))
+    else:
+        write_line(f"compacted {idx.root}: {fmt_bytes(before)} -> {fmt_bytes(after)}")
 
 
 def _register_optional_commands() -> None:

@@ -192,6 +192,14 @@ class ClipEncoder:
             feats = self.model.encode_text(tokens).float()
             return torch.nn.functional.normalize(feats, dim=-1).cpu().numpy()
 
+    def cut_tokens(self, text: str) -> int:
+        """How many of `text`'s tokens fall beyond the text encoder's context (and are ignored); 0 if it fits."""
+        encode = getattr(self.tokenizer, "encode", None)
+        context = int(getattr(self.tokenizer, "context_length", 77) or 77)
+        if encode is None:
+            return 0
+        return max(0, len(encode(text)) + 2 - context)  # + the start and end tokens
+
     def encode_text_tokens(self, texts: list[str]) -> list[np.ndarray]:
         """Per-token text features: for each text, float32 [L, D] over its real tokens (start to end token)."""
         import torch

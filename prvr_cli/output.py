@@ -9,6 +9,7 @@ import sys
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -32,6 +33,18 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+_TSV_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def tsv_field(text: str) -> str:
+    """A value safe inside tab-separated output: backslash, tab, newline and carriage return escaped as \\ \\t \\n \\r."""
+    return text.translate(_TSV_ESCAPES)
+
+
+def tsv_line(fields) -> str:
+    return "\t".join(tsv_field(str(f)) for f in fields)
 
 
 class StdoutClosed(Exception):
@@ -94,18 +107,19 @@ def print_search(results: list[tuple[str, list]], fmt: str, nul: bool = False) -
         for q, hits in results:
             for h in hits:
                 ranges = ",".join(f"{r['start']:.2f}-{r['end']:.2f}" for r in h.highlights)
-                write_line("\t".join([q, str(h.rank), f"{h.score:.4f}", h.path, ranges]) if len(results) > 1
-                           else "\t".join([str(h.rank), f"{h.score:.4f}", h.path, ranges]))
+                fields = [str(h.rank), f"{h.score:.4f}", h.path, ranges]
+                write_line(tsv_line([q, *fields] if len(results) > 1 else fields))
     else:
         console = stdout_console()
         for q, hits in results:
-            table = Table(title=f"[bold]{q}[/]", title_justify="left", show_lines=False)
+            table = Table(title=Text(q, style="bold"), title_justify="left", show_lines=False)
             table.add_column("#", justify="right", style="dim")
             table.add_column("score", justify="right")
             table.add_column("video", overflow="fold")
             table.add_column("highlights (m:ss)", overflow="fold", style="cyan")
             for h in hits:
-                table.add_row(str(h.rank), f"{h.score:.4f}", h.path, fmt_ranges(h.highlights))
+                video = Text("\n".join([h.path, *(f"= {c}" for c in h.copies)]))  # Text: no markup in paths
+                table.add_row(str(h.rank), f"{h.score:.4f}", video, fmt_ranges(h.highlights))
             console.print(table)
 
 

@@ -45,27 +45,42 @@ class Hit:
     frame_prototype: int
     duration: float = 0.0
     highlights: list[dict] = field(default_factory=list)
+    copies: list[str] = field(default_factory=list)  # other paths of the same file content
 
     def as_dict(self) -> dict:
-        return {"rank": self.rank, "score": round(self.score, 6), "path": self.path,
+        return {"rank": self.rank, "score": round(self.score, 6), "path": self.path, "copies": self.copies,
                 "duration": round(self.duration, 3), "highlights": self.highlights,
                 "branch_scores": {"clip": round(self.clip_score, 6), "frame": round(self.frame_score, 6)},
                 "prototypes": {"clip": self.clip_prototype, "frame": self.frame_prototype}}
 
 
 def rank(paths: list[str], clip: np.ndarray, frame: np.ndarray, q_clip: np.ndarray, q_frame: np.ndarray,
-         weights: tuple[float, float], k: int) -> list[list[Hit]]:
-    """Top-k hits for each query (best first)."""
+         weights: tuple[float, float], k: int, hashes: list[str] | None = None) -> list[list[Hit]]:
+    """Top-k hits for each query (best first).
+
+    With `hashes` (each video's content hash), identical copies of one file are one hit: the first of their
+    paths is scored, and the others are listed as its copies.
+    """
     s_clip, a_clip = branch_scores(clip, q_clip)
     s_frame, a_frame = branch_scores(frame, q_frame)
     total = weights[0] * s_clip + weights[1] * s_frame                                  # [Q, N]
-    k = min(k, total.shape[1])
+    copies: dict[int, list[str]] = {}
+    if hashes is not None:
+        first: dict[str, int] = {}
+        for v, h in enumerate(hashes):
+            if h in first:
+                copies.setdefault(first[h], []).append(paths[v])
+                total[:, v] = -np.inf
+            else:
+                first[h] = v
+    k = min(k, total.shape[1] - sum(len(c) for c in copies.values()))
     results = []
     for qi in range(total.shape[0]):
         top = np.argpartition(-total[qi], k - 1)[:k]
         top = top[np.argsort(-total[qi, top], kind="stable")]
         results.append([Hit(r + 1, float(total[qi, v]), paths[v], float(s_clip[qi, v]), float(s_frame[qi, v]),
-                            int(a_clip[qi, v]), int(a_frame[qi, v])) for r, v in enumerate(top)])
+                            int(a_clip[qi, v]), int(a_frame[qi, v]), copies=copies.get(int(v), []))
+                        for r, v in enumerate(top)])
     return results
 
 

@@ -6,8 +6,14 @@ Layout of an index folder:
     db/videos.lance   one row per video: file identity, timing, prototypes per branch
                       (multivector columns), per-prototype frame attention
     db/frames.lance   one row per video: its CLIP frame features (fp16), for `prvr reindex`
-    cache/            search matrices derived from a table version (safe to delete)
+    model.pt          a copy of the trained checkpoint that built the prototypes (none for zero-shot), so the
+                      folder can be moved or shared alone
+    cache/            search matrices derived from a table version (safe to delete); a search that cannot write
+                      here (a read-only index) keeps them under the user's cache folder, or in memory
     .lock             held by the process that writes
+
+Every write makes a new table version. Writers prune versions that were superseded more than VERSION_GRACE
+seconds ago (a search still reading one would have been running that long); `prvr compact` prunes them all.
 
 A video's frames row is written before its videos row, and stale frames rows are
 removed after, so a crash at any point leaves only complete videos plus, at
@@ -16,15 +22,18 @@ worst, orphan frames rows that the next writer removes (`repair`).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 os.environ.setdefault("LANCE_LOG", "error")
 
@@ -35,6 +44,9 @@ from .errors import CorruptError, DiskError, IndexMissingError, LockedError, Mis
 
 FORMAT_VERSION = 1
 META_FILE = "index.json"
+MODEL_FILE = "model.pt"
+CACHE_KIND = "f32-2"  # the search cache's layout: float32 prototypes, videos.json with paths and content hashes
+VERSION_GRACE = 60.0  # seconds a superseded table version is kept for searches that may still read it
 
 
 @dataclass
@@ -163,7 +175,7 @@ class Index:
         """Record the encoder and builder of a new index, or check an existing index matches them."""
         old_enc, old_builder = self.encoder_spec, self.builder_spec
         if old_enc is None:
-            self.meta.update(encoder=encoder_spec, builder=builder_spec, proto_dim=proto_dim)
+            self.meta.update(encoder=encoder_spec, builder=self._keep_model(builder_spec), proto_dim=proto_dim)
             self._write_meta(self.root, self.meta)
             return
         if old_enc["fingerprint"] != encoder_spec["fingerprint"]:
@@ -176,10 +188,36 @@ class Index:
                 f"index {self.root} holds prototypes from {describe_builder(old_builder)}, not "
                 f"{describe_builder(builder_spec)}; pass the same --model, or rebuild them with "
                 "`prvr reindex --model CKPT`")
+        if old_builder.get("kind") == "trained" and not (self.root / MODEL_FILE).is_file():
+            self.rebind_builder(builder_spec, proto_dim)  # an index from before the model was kept inside
 
     def rebind_builder(self, builder_spec: dict, proto_dim: int) -> None:
-        self.meta.update(builder=builder_spec, proto_dim=proto_dim)
+        self.meta.update(builder=self._keep_model(builder_spec), proto_dim=proto_dim)
         self._write_meta(self.root, self.meta)
+
+    def _keep_model(self, builder_spec: dict) -> dict:
+        """Copy a trained builder's checkpoint into the index (byte for byte: its fingerprint stays)."""
+        target = self.root / MODEL_FILE
+        if builder_spec.get("kind") != "trained":
+            target.unlink(missing_ok=True)
+            return builder_spec
+        source = Path(builder_spec["checkpoint"])
+        if source.resolve() != target.resolve():
+            tmp = target.with_name(f"{MODEL_FILE}.tmp{os.getpid()}")
+            try:
+                shutil.copyfile(source, tmp)
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
+        return {**builder_spec, "stored": MODEL_FILE}
+
+    def recorded_model(self) -> str | None:
+        """The checkpoint that built the prototypes: the index's own copy when it has one, else the recorded path."""
+        spec = self.builder_spec or {}
+        if spec.get("kind") != "trained":
+            return None
+        stored = self.root / spec.get("stored", MODEL_FILE)
+        return str(stored) if stored.is_file() else spec.get("checkpoint")
 
     # ----- locking ------------------------------------------------------------------------
 
@@ -394,17 +432,39 @@ class Index:
         table = to_table(rows, schema)
         self.db.create_table("videos", data=table, schema=schema, mode="overwrite")
 
-    def optimize(self) -> None:
-        """Compact small fragments left by per-video commits (keeps search fast)."""
+    def optimize(self, grace: float | None = None) -> int:
+        """Compact small fragments left by per-video commits (keeps search fast) and delete the files of table
+        versions superseded more than `grace` seconds ago; returns how many versions went.
+
+        Version v is superseded when v + 1 is written, so every version older than the newest one written
+        before `grace` seconds ago can go. With grace 0, only the latest version stays.
+        """
+        grace = VERSION_GRACE if grace is None else grace
+        pruned = 0
         for table in (self.videos, self.frames):
-            if table is not None:
-                with contextlib.suppress(Exception):
-                    table.optimize()
+            if table is None:
+                continue
+            now = datetime.datetime.now()  # LanceDB stamps versions in naive local time
+            stamps = [v["timestamp"] for v in table.list_versions()]
+            settled = [t for t in stamps if (now - t).total_seconds() >= grace]
+            if grace <= 0:
+                older_than = datetime.timedelta(0)  # all but the latest
+            else:  # keep the newest settled version and all after it (with a margin for the clock read here)
+                keep_from = max(settled) if settled else min(stamps, default=now)
+                older_than = now - keep_from + datetime.timedelta(seconds=2)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # LanceDB warns about grace 0, which `prvr compact` documents
+                    table.optimize(cleanup_older_than=older_than)
+            except Exception as e:
+                raise self.unreadable(f"its {table.name} table") from e
+            pruned += len(stamps) - len(table.list_versions())
+        return pruned
 
     # ----- search matrices ----------------------------------------------------------------
 
-    def search_matrices(self) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """(paths, clip prototypes [N, Lp, D], frame prototypes [N, Lp, D]) as float32, cached per table version.
+    def search_matrices(self) -> "SearchMatrices":
+        """Every video's path, content hash and prototypes per branch ([N, Lp, D] float32), cached per version.
 
         The cache is memory-mapped, so a search touches the prototypes without
         parsing the table; it is rebuilt automatically after any write. It holds
@@ -414,26 +474,39 @@ class Index:
         table = self.videos
         if table is None or table.count_rows() == 0:
             raise IndexMissingError(f"index {self.root} is empty; add videos with `prvr ingest PATH`")
-        version = table.version
         self._snapshot = table
-        cache = self.root / "cache" / f"videos-v{version}-f32"
-        if not (cache / "paths.json").exists():
+        for folder in self._cache_folders():
+            cache = folder / f"videos-v{table.version}-{CACHE_KIND}"
+            if (cache / "videos.json").exists():
+                break
             try:
                 self._build_cache(table, cache)
+                break
             except DiskError:
                 return self._matrices(table)  # disk full: search from memory, without a cache
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise
+        else:
+            return self._matrices(table)  # nowhere to write: search from memory
         try:
-            paths = json.loads((cache / "paths.json").read_text())
-            clip = np.load(cache / "proto_clip.npy", mmap_mode="r")
-            frame = np.load(cache / "proto_frame.npy", mmap_mode="r")
-        except (OSError, ValueError, json.JSONDecodeError):
+            videos = json.loads((cache / "videos.json").read_text())
+            return SearchMatrices(videos["paths"], videos["hashes"], np.load(cache / "proto_clip.npy", mmap_mode="r"),
+                                  np.load(cache / "proto_frame.npy", mmap_mode="r"))
+        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
             shutil.rmtree(cache, ignore_errors=True)  # damaged cache: rebuild from the table
             self._build_cache(table, cache)
             return self.search_matrices()
-        return paths, clip, frame
 
-    def _matrices(self, table) -> tuple[list[str], np.ndarray, np.ndarray]:
-        data = table.to_arrow().select(["path", "proto_clip", "proto_frame"])
+    def _cache_folders(self) -> list[Path]:
+        """Where search matrices may be kept: in the index, else (read-only index) in the user's cache folder."""
+        from .settings import cache_home
+
+        user = cache_home() / "indexes" / hashlib.sha1(str(self.root).encode()).hexdigest()[:16]
+        return [self.root / "cache", user]
+
+    def _matrices(self, table) -> "SearchMatrices":
+        data = table.to_arrow().select(["path", "content_hash", "proto_clip", "proto_frame"])
         dim = int(self.meta["proto_dim"])
         arrays = {}
         for col in ("proto_clip", "proto_frame"):
@@ -443,22 +516,22 @@ class Index:
                 raise CorruptError(f"index {self.root}: videos have different prototype counts; run `prvr reindex`")
             arrays[col] = arr.flatten().flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(
                 len(arr), int(counts[0]), dim)
-        return data["path"].to_pylist(), arrays["proto_clip"], arrays["proto_frame"]
+        return SearchMatrices(data["path"].to_pylist(), data["content_hash"].to_pylist(), arrays["proto_clip"],
+                              arrays["proto_frame"])
 
     def _build_cache(self, table, cache: Path) -> None:
-        paths, clip, frame = self._matrices(table)
-        arrays = {"proto_clip": clip, "proto_frame": frame}
+        m = self._matrices(table)
         tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             tmp.mkdir(parents=True)
-            for col, arr in arrays.items():
-                np.save(tmp / f"{col}.npy", arr)
-            (tmp / "paths.json").write_text(json.dumps(paths))
+            np.save(tmp / "proto_clip.npy", m.clip)
+            np.save(tmp / "proto_frame.npy", m.frame)
+            (tmp / "videos.json").write_text(json.dumps({"paths": m.paths, "hashes": m.hashes}))
             try:
                 os.replace(tmp, cache)
             except OSError:
-                if not (cache / "paths.json").exists():
+                if not (cache / "videos.json").exists():
                     raise
                 shutil.rmtree(tmp)  # another search built it at the same moment
         except OSError as e:
@@ -468,8 +541,17 @@ class Index:
                                 "free space and run again") from e
             raise
         for old in cache.parent.glob("videos-v*"):
-            if old != cache and not old.name.endswith(f".tmp{os.getpid()}") and ".tmp" not in old.name:
+            if old != cache and ".tmp" not in old.name:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+class SearchMatrices(NamedTuple):
+    """What a search scores: per video its path and content hash, and its prototypes per branch [N, Lp, D]."""
+
+    paths: list[str]
+    hashes: list[str]
+    clip: np.ndarray
+    frame: np.ndarray
 
 
 def to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:

@@ -97,3 +97,22 @@ def shared_videos(tmp_path) -> Path:
         if p.suffix in (".mp4", ".avi"):
             shutil.copy(p, dst / p.name)
     return dst
+
+
+@pytest.fixture
+def open_dir():
+    """A scratch folder under the system temp folder that another user can reach (pytest's own is private)."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="prvr-test-"))
+    path.chmod(0o755)
+    yield path
+    for p in [path, *path.rglob("*")]:
+        if not p.is_symlink():
+            p.chmod(0o755 if p.is_dir() else 0o644)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def as_another_user(command: list[str]) -> list[str]:
+    """`command` run as a user without root's rights to read and write everything (nobody, when we are root)."""
+    return (["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []) + command

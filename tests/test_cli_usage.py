@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import as_another_user
+
 PRVR = str(Path(sys.executable).with_name("prvr"))
 
 
@@ -35,19 +37,13 @@ def test_usage_errors_exit_2_with_a_usage_message(args, says):
     assert r.stdout == ""
 
 
-def test_an_unreadable_file_on_the_command_line_is_a_usage_error(tmp_path):
-    secret = tmp_path / "secret.jsonl"
+def test_an_unreadable_file_on_the_command_line_is_a_usage_error(open_dir):
+    secret = open_dir / "secret.jsonl"
     secret.write_text("{}\n")
     secret.chmod(0)
-    if os.access(secret, os.R_OK):
-        if os.geteuid() != 0:
-            pytest.skip("this user can read a mode-000 file")
-        # root reads everything: run the command as nobody instead
-        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "prvr_cli"]
-    else:
-        cmd = [PRVR]
-    r = subprocess.run(cmd + ["train", "--out", str(tmp_path / "run"), "--index", str(tmp_path),
-                              "--captions", str(secret)], capture_output=True, text=True, timeout=120,
+    command = as_another_user([sys.executable, "-m", "prvr_cli"])
+    r = subprocess.run(command + ["train", "--out", str(open_dir / "run"), "--index", str(open_dir),
+                                  "--captions", str(secret)], capture_output=True, text=True, timeout=120,
                        stdin=subprocess.DEVNULL)
     # typer >= 0.26 checks readability itself (exit 2); otherwise the captions reader says so (exit 9)
     assert r.returncode in (2, 9), r.stderr

@@ -53,9 +53,9 @@ def test_discover_filters(tmp_path):
     (tmp_path / "b" / "notes.txt").write_text("x")
     (tmp_path / ".hidden").mkdir()
     make_video(tmp_path / ".hidden" / "three.mp4", [PALETTE[2]])
-    assert [p.name for p in discover([tmp_path])] == ["one.mp4", "two.avi"]
-    assert [p.name for p in discover([tmp_path], glob="*.avi")] == ["two.avi"]
-    assert [p.name for p in discover([tmp_path / "b" / "notes.txt"])] == ["notes.txt"]  # explicit files are kept
+    assert [p.name for p in discover([tmp_path]).files] == ["one.mp4", "two.avi"]
+    assert [p.name for p in discover([tmp_path], glob="*.avi").files] == ["two.avi"]
+    assert [p.name for p in discover([tmp_path / "b" / "notes.txt"]).files] == ["notes.txt"]  # explicit files are kept
     with pytest.raises(UsageError, match="nope"):
         discover([tmp_path / "nope"])
 

@@ -209,7 +209,8 @@ def check_index(index: Path) -> dict[str, str]:
 
 
 def search_ok(cli, index: Path, n_expected: int | None = None) -> list[str]:
-    code, out, err = cli("search", "a colored screen", "-k", "10000", "--json", "--index", index, index=False)
+    code, out, err = cli("search", "a colored screen", "-k", "10000", "--json", "--keep-duplicates", "--index", index,
+                         index=False)
     if n_expected == 0:
         assert code == ExitCode.NO_INDEX, err
         return []

@@ -219,8 +219,15 @@ def search(
                                 f"{enc_spec['clip_pretrained']}, not {identity['clip_model']}/{identity['clip_pretrained']}; "
                                 "search it without --clip-model/--clip-pretrained or use another --index")
     dev = settings.resolve("device", device)
-    encoder = ClipEncoder.load(enc_spec["source"]["clip_model"], enc_spec["source"]["clip_pretrained"] or "none",
-                               dev, cache_dir=str(settings.cache_home() / "clip"))
+    # a matching --clip-model/--clip-pretrained may point at where a local config or checkpoint lives now
+    source = {"clip_model": clip_model or enc_spec["source"]["clip_model"],
+              "clip_pretrained": clip_pretrained or enc_spec["source"]["clip_pretrained"] or "none"}
+    for key, value in source.items():
+        if value != "none" and (value.endswith(".json") or os.path.isabs(value)) and not os.path.exists(value):
+            raise UsageError(f"index {idx.root} was built with the local CLIP file {value}, which is gone; pass "
+                             f"--{key.replace('_', '-')} PATH with its new place")
+    encoder = ClipEncoder.load(source["clip_model"], source["clip_pretrained"], dev,
+                               cache_dir=str(settings.cache_home() / "clip"))
     requested = settings.resolve("model", model)
     builder = _builder(requested or idx.recorded_model(), encoder.spec(), encoder.device)
     if builder.spec()["fingerprint"] != builder_spec["fingerprint"]:

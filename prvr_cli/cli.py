@@ -94,6 +94,8 @@ def ingest(
         stderr.print(f"error: {path}: {why}", markup=False, soft_wrap=True)
     if not files:
         stderr.print(f"error: no video files found under {', '.join(map(str, paths))}", markup=False, soft_wrap=True)
+        if not prune:
+            raise typer.Exit(ExitCode.PARTIAL)  # nothing to do: the index is left as it was
     idx = Index.open(_index_path(index), create=True)
     with idx.lock(wait=_waiting_message if wait else None):
         # flag > PRVR_* > config file > what the index was built with > built-in default

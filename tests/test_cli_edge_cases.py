@@ -39,6 +39,7 @@ def test_a_folder_named_like_a_video_and_a_fifo_are_named_with_the_reason(cli, t
     assert f"{folder}: a folder with no video files in it" in err
     assert f"{fifo}: a named pipe (FIFO), not a video file; skipped" in err
     assert "no video files found" in err
+    assert not cli.index.exists()                             # nothing to ingest: no index made, no CLIP loaded
     # a good file beside them is ingested; the run still says something was skipped
     good = make_video(tmp_path / "good.mp4", [PALETTE[2]])
     code, summary, err = cli.ingest(good, fifo)

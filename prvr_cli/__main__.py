@@ -1,3 +1,3 @@
-from .cli import run
+from .cli.commands_tmp import run
 
 run()

@@ -60,7 +60,7 @@ class CLI:
         self.capsys, self.index = capsys, index
 
     def __call__(self, *args: str, index: bool = True, tiny: bool = False):
-        from prvr_cli.cli import main
+        from prvr_cli.cli.commands_tmp import main
 
         argv = [str(a) for a in args]
         if index:

@@ -4,13 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prvr_cli import layers, mssl as mssl_mod
+from prvr_cli.nets import layers, mssl as mssl_mod
 from prvr_cli.errors import UsageError
-from prvr_cli.factory import create_model, load_checkpoint, save_checkpoint
-from prvr_cli.gmmformer import GMMFormer, gaussian_weights
-from prvr_cli.mssl import MSSL
-from prvr_cli.retrieval import TrainBatch
-from prvr_cli.retrieval_losses import query_diverse_loss
+from prvr_cli.nets.factory import create_model, load_checkpoint, save_checkpoint
+from prvr_cli.nets.gmmformer import GMMFormer, gaussian_weights
+from prvr_cli.nets.mssl import MSSL
+from prvr_cli.nets.retrieval import TrainBatch
+from prvr_cli.nets.retrieval_losses import query_diverse_loss
 
 VDIM, TDIM = 12, 10
 SMALL = {"hidden_size": 16, "n_heads": 2, "max_frames": 16, "input_dropout": 0.0, "dropout": 0.0}
@@ -172,7 +172,7 @@ def test_score_is_chunked_consistently(model, monkeypatch):
         v, q = model.encode_videos(frames, mask), model.encode_queries(tokens, tmask)
         whole = model.score(q, v)
         monkeypatch.setattr(mssl_mod, "SCORE_BLOCK_ELEMENTS", 1)             # one video per block
-        import prvr_cli.gmmformer as gm
+        import prvr_cli.nets.gmmformer as gm
         monkeypatch.setattr(gm, "video_chunk_size", lambda *a: 1)
         assert torch.allclose(model.score(q, v), whole, atol=1e-6)
         assert torch.allclose(model.score(q, v.index(slice(1, 3))), whole[:, 1:3], atol=1e-6)

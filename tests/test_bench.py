@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from prvr_cli import bench
+from prvr_cli.bench import measure_tmp as bench
 from tests.conftest import PALETTE, TINY_CLIP, make_video
 
 
 def test_mssl_kernel_matches_the_model_score():
-    from prvr_cli.mssl import MSSL
+    from prvr_cli.nets.mssl import MSSL
 
     torch.manual_seed(0)
     model = MSSL(video_dim=12, text_dim=8, cfg={"hidden_size": 16, "n_heads": 2, "n_clips": 4, "max_frames": 6}).eval()
@@ -28,7 +28,7 @@ def test_mssl_kernel_matches_the_model_score():
 
 
 def test_gmmformer_kernel_matches_the_model_score():
-    from prvr_cli.gmmformer import GMMFormer
+    from prvr_cli.nets.gmmformer import GMMFormer
 
     torch.manual_seed(0)
     model = GMMFormer(video_dim=12, text_dim=8, cfg={"hidden_size": 16, "n_heads": 2, "n_clips": 4,
@@ -114,7 +114,7 @@ def test_cli_bench_commands(cli, tmp_path):
 
 @pytest.mark.parametrize("method", ["protoprvr", "mssl"])
 def test_storage_on_a_checkpoint_reports_sumr_per_type(tmp_path, method):
-    from prvr_cli.factory import create_model, load_config, save_checkpoint
+    from prvr_cli.nets.factory import create_model, load_config, save_checkpoint
     from tests.test_datasets import TEXT_DIM, VIDEO_DIM, write_h5_dataset
 
     write_h5_dataset(tmp_path / "data")

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from prvr_cli import bench_accuracy
-from prvr_cli.bench import matching_flops
-from prvr_cli.datasets import load_features
+from prvr_cli.bench import accuracy as bench_accuracy
+from prvr_cli.bench.measure_tmp import matching_flops
+from prvr_cli.training.datasets import load_features
 from prvr_cli.errors import DataError
 
 from tests.test_datasets import synthetic, write_h5_dataset
@@ -24,7 +24,7 @@ TRAIN = {"batch_videos": 8, "max_epochs": 1, "lr": 1e-3}
 @pytest.fixture
 def tiny_bench(tmp_path):
     """A tiny dataset and tiny presets of the three methods (the shipped presets with small sizes)."""
-    from prvr_cli.factory import load_config
+    from prvr_cli.nets.factory import load_config
 
     write_h5_dataset(tmp_path / "data", data=synthetic(n_videos=(16, 6, 6)))
     presets = []

@@ -59,7 +59,7 @@ def test_second_run_encodes_nothing(cli, videos, monkeypatch):
     def no_encoder(*args, **kwargs):
         raise AssertionError("the encoder must not be loaded when nothing changed")
 
-    monkeypatch.setattr("prvr_cli.encode.ClipEncoder.load", no_encoder)
+    monkeypatch.setattr("prvr_cli.pipeline.encode.ClipEncoder.load", no_encoder)
     code, summary, err = cli.ingest(videos)
     assert code == 0, err
     assert summary["unchanged"] == 4 and summary["new"] == summary["changed"] == summary["frames"] == 0
@@ -170,7 +170,7 @@ def test_real_clips_ingest_and_search(cli, shared_videos):
 
 def test_trained_model_ingest_and_reindex_round_trip(cli, videos, tmp_path):
     """--model builds prototypes with a checkpoint; reindex swaps builders from stored frame features."""
-    from prvr_cli.factory import create_model, save_checkpoint
+    from prvr_cli.nets.factory import create_model, save_checkpoint
 
     ckpt = tmp_path / "tiny.pt"
     save_checkpoint(ckpt, create_model("protoprvr_anet", video_dim=32, text_dim=32), feature_source={"layout": "test"})
@@ -195,7 +195,7 @@ def test_trained_model_ingest_and_reindex_round_trip(cli, videos, tmp_path):
 
 
 def test_wrong_checkpoint_dims_are_refused(cli, videos, tmp_path):
-    from prvr_cli.factory import create_model, save_checkpoint
+    from prvr_cli.nets.factory import create_model, save_checkpoint
 
     ckpt = tmp_path / "other.pt"
     save_checkpoint(ckpt, create_model("protoprvr_anet", video_dim=512, text_dim=384), feature_source={})

@@ -62,7 +62,7 @@ def test_ctrl_c_while_reading_queries_says_interrupted_not_videos_kept(tmp_path)
 
 
 def test_ctrl_c_in_train_points_at_resume(cli, monkeypatch, tmp_path):
-    import prvr_cli.datasets as datasets
+    import prvr_cli.training.datasets as datasets
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -76,7 +76,7 @@ def test_ctrl_c_in_train_points_at_resume(cli, monkeypatch, tmp_path):
 
 def test_lance_errors_are_told_in_our_words(cli, monkeypatch):
     """A storage-engine failure names no build path and is not cut mid-word; PRVR_DEBUG=1 shows it whole."""
-    import prvr_cli.store as store
+    import prvr_cli.index.store as store
 
     def broken(*args, **kwargs):
         raise OSError("LanceError(IO): Execution error: /root/.cargo/registry/src/index.crates.io-6f17d22bba15001f/"

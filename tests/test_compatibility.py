@@ -57,7 +57,7 @@ def test_a_legacy_trained_index_takes_new_videos_and_keeps_its_model(cli, legacy
 
 @pytest.mark.parametrize("name", ["protoprvr_tiny.pt", "mssl_tiny.pt", "gmmformer_tiny.pt"])
 def test_legacy_checkpoints_load_and_run(name):
-    from prvr_cli.factory import load_checkpoint
+    from prvr_cli.nets.factory import load_checkpoint
 
     model, meta = load_checkpoint(LEGACY / name)
     frames, tokens = torch.randn(2, 12, 32), torch.randn(3, 5, 32)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from prvr_cli import datasets
-from prvr_cli.datasets import Packed, detect_layout, load_features, load_h5, load_index, load_mssl
+from prvr_cli.training import datasets
+from prvr_cli.training.datasets import Packed, detect_layout, load_features, load_h5, load_index, load_mssl
 from prvr_cli.errors import DataError
-from prvr_cli.evaluate import gt_ranks, ranking, recall_metrics, score_matrix
+from prvr_cli.training.evaluate import gt_ranks, ranking, recall_metrics, score_matrix
 
 VIDEO_DIM, TEXT_DIM = 12, 8
 
@@ -275,12 +275,12 @@ class FakeEncoder:
 
 @pytest.fixture
 def fake_store(monkeypatch, tmp_path):
-    """An index of 12 videos, served through the `prvr_cli.store.Index` API."""
+    """An index of 12 videos, served through the `prvr_cli.index.store.Index` API."""
     rng = np.random.default_rng(0)
     videos = {str(tmp_path / "lib" / f"clip{i}.mp4"): rng.normal(size=(3 + i, VIDEO_DIM)) for i in range(12)}
-    store = types.ModuleType("prvr_cli.store")
+    store = types.ModuleType("prvr_cli.index.store")
     store.Index = types.SimpleNamespace(open=lambda path: FakeIndex(videos))
-    monkeypatch.setitem(sys.modules, "prvr_cli.store", store)
+    monkeypatch.setitem(sys.modules, "prvr_cli.index.store", store)
     return videos
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from prvr_cli.decode import decode_frames, probe, resize_dims, sample_times
-from prvr_cli.discover import discover
+from prvr_cli.pipeline.decode import decode_frames, probe, resize_dims, sample_times
+from prvr_cli.pipeline.discover import discover
 from prvr_cli.errors import DecodeError, UsageError
 
 from .conftest import PALETTE, SHARED_VIDEOS, make_video

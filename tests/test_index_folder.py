@@ -15,7 +15,7 @@ from .conftest import as_another_user
 
 
 def _checkpoint(path):
-    from prvr_cli.factory import create_model, save_checkpoint
+    from prvr_cli.nets.factory import create_model, save_checkpoint
 
     save_checkpoint(path, create_model("protoprvr_anet", video_dim=32, text_dim=32), feature_source={"layout": "test"})
     return path
@@ -90,7 +90,7 @@ def _versions(index) -> int:
 
 
 def test_writers_prune_superseded_versions_and_compact_keeps_one(cli, videos, monkeypatch):
-    import prvr_cli.store as store
+    import prvr_cli.index.store as store
 
     assert cli.ingest(videos)[0] == 0
     monkeypatch.setattr(store, "VERSION_GRACE", 3600.0)     # nothing is old enough yet: everything stays
@@ -113,7 +113,7 @@ def test_writers_prune_superseded_versions_and_compact_keeps_one(cli, videos, mo
 
 def test_a_superseded_version_within_the_grace_stays_readable(cli, videos):
     """A search that opened the table before a writer finished still reads its version's files."""
-    from prvr_cli.store import Index
+    from prvr_cli.index.store import Index
 
     assert cli.ingest(videos)[0] == 0
     reader = Index.open(cli.index)

@@ -1,6 +1,6 @@
 import torch
 
-from prvr_cli import layers
+from prvr_cli.nets import layers
 
 
 def test_span_means_match_direct_computation():

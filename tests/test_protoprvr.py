@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from prvr_cli import protoprvr_losses as L
+from prvr_cli.nets import protoprvr_losses as L
 from prvr_cli.errors import UsageError
-from prvr_cli.factory import create_model, load_checkpoint, load_config, override, save_checkpoint
-from prvr_cli.protoprvr import PrototypeGenerator, ProtoPRVR, branch_scores, max_dot
-from prvr_cli.retrieval import TrainBatch
-from prvr_cli.retrieval_losses import infonce_loss, triplet_loss
+from prvr_cli.nets.factory import create_model, load_checkpoint, load_config, override, save_checkpoint
+from prvr_cli.nets.protoprvr import PrototypeGenerator, ProtoPRVR, branch_scores, max_dot
+from prvr_cli.nets.retrieval import TrainBatch
+from prvr_cli.nets.retrieval_losses import infonce_loss, triplet_loss
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -364,7 +364,7 @@ def test_hard_negatives_start_after_the_warm_up_epochs():
 
 def test_span_keys_shortcut_equals_attending_over_explicit_spans():
     """Projecting clip tokens then averaging spans gives exactly the attention over the 528 span means."""
-    from prvr_cli.layers import span_means
+    from prvr_cli.nets.layers import span_means
 
     torch.manual_seed(0)
     gen = PrototypeGenerator(5, 16, 2, 16, 2, 0.0).eval()
@@ -377,7 +377,7 @@ def test_span_keys_shortcut_equals_attending_over_explicit_spans():
 
 
 def test_cross_attention_matches_torch_multihead_attention():
-    from prvr_cli.protoprvr import CrossAttentionBlock
+    from prvr_cli.nets.protoprvr import CrossAttentionBlock
 
     torch.manual_seed(1)
     block = CrossAttentionBlock(16, 4, 32, 0.0).eval()

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from prvr_cli import protoprvr_losses as L
+from prvr_cli.nets import protoprvr_losses as L
 
 
 @pytest.fixture(autouse=True, scope="module")

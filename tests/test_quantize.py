@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from prvr_cli import quantize
+from prvr_cli.bench import quantize
 from prvr_cli.errors import UsageError
-from prvr_cli.retrieval import VideoEncoding
-from prvr_cli.search import branch_scores
+from prvr_cli.nets.retrieval import VideoEncoding
+from prvr_cli.index.search import branch_scores
 
 
 def _vectors(shape, seed=0, scale=1.0):

@@ -196,7 +196,7 @@ def test_unreadable_file_is_reported(cli, tmp_path, monkeypatch):
 
 def test_stuck_decoder_is_abandoned_and_the_run_finishes(cli, tmp_path, monkeypatch):
     """A decoder that never returns (as decord can, inside C++) is abandoned after its time limit."""
-    import prvr_cli.ingest as ingest
+    import prvr_cli.pipeline.ingest as ingest
 
     root = tmp_path / "lib"
     for i in range(3):
@@ -245,7 +245,7 @@ def test_stuck_decoder_is_abandoned_and_the_run_finishes(cli, tmp_path, monkeypa
 
 def test_long_video_streams_with_bounded_memory(tmp_path):
     """Two hours of video: decoding streams it chunk by chunk, and peak memory stays flat."""
-    from prvr_cli.decode import decode_frames
+    from prvr_cli.pipeline.decode import decode_frames
 
     path = _long(tmp_path / "two_hours.mp4", 2 * 3600)
 
@@ -333,7 +333,7 @@ def test_damaged_tables_are_reported(cli, videos):
 def _checkpoint(path: Path, dim: int) -> Path:
     import torch
 
-    from prvr_cli.factory import create_model, load_config
+    from prvr_cli.nets.factory import create_model, load_config
 
     config = load_config("protoprvr_anet")
     model = create_model(config, video_dim=dim, text_dim=dim)
@@ -455,7 +455,7 @@ def test_disk_full_through_a_write_hook(cli, tmp_path, monkeypatch):
     assert code == 0 and len(out.splitlines()) == 3, err
     # index.json, outside lance, failing the same way
     monkeypatch.setattr(LanceTable, "add", real_add)
-    import prvr_cli.store as store
+    import prvr_cli.index.store as store
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(cli.index / "index.json.tmp"))

@@ -3,7 +3,7 @@
 Every `prvr ingest` here is a real process killed with a real signal. Starting
 Python with torch and open_clip takes 5-15 s on a busy 2-core machine, so most
 of them are forked from a small server that imported those once (a "zygote");
-each child then runs `prvr_cli.cli.main(argv)`, exactly what `prvr ingest` runs.
+each child then runs `prvr_cli.cli.commands_tmp.main(argv)`, exactly what `prvr ingest` runs.
 One test also kills a `python -m prvr_cli ingest` started from scratch.
 """
 from __future__ import annotations
@@ -30,20 +30,20 @@ SERVER = r'''
 import json, os, signal, sys, traceback
 sys.path.insert(0, sys.argv[1])
 import numpy, torch, open_clip, decord, pyarrow, lancedb  # noqa: F401  (the slow imports, done once)
-import prvr_cli.cli  # noqa: F401
+import prvr_cli.cli.commands_tmp  # noqa: F401
 
 
 def crash_hook(spec):
     """SIGKILL this process before or after the nth call of a write, decode or encode step."""
     import lancedb.db
     import lancedb.table
-    import prvr_cli.encode
+    import prvr_cli.pipeline.encode
 
     targets = {"add": (lancedb.table.LanceTable, "add"), "merge": (lancedb.table.LanceTable, "_do_merge"),
                "delete": (lancedb.table.LanceTable, "delete"), "update": (lancedb.table.LanceTable, "update"),
                "create": (lancedb.db.LanceDBConnection, "create_table"),
                "optimize": (lancedb.table.LanceTable, "optimize"),
-               "encode": (prvr_cli.encode.ClipEncoder, "encode_images"), "decode": (decord.VideoReader, "get_batch")}
+               "encode": (prvr_cli.pipeline.encode.ClipEncoder, "encode_images"), "decode": (decord.VideoReader, "get_batch")}
     owner, name = targets[spec["target"]]
     real = getattr(owner, name)
     count = [0]
@@ -88,7 +88,7 @@ for line in sys.stdin:
                         return real_merge(*args, **kwargs)
 
                     lancedb.table.LanceTable._do_merge = slow_merge
-                from prvr_cli.cli import main
+                from prvr_cli.cli.commands_tmp import main
                 code = main(req["argv"])
                 sys.stdout.flush()
                 sys.stderr.flush()
@@ -183,7 +183,7 @@ def ingest_argv(index: Path, *paths, extra=()) -> list:
 
 def check_index(index: Path) -> dict[str, str]:
     """Assert the index holds only complete videos; return path -> content hash of each."""
-    from prvr_cli.store import Index
+    from prvr_cli.index.store import Index
 
     idx = Index.open(index)
     videos, frames = idx.videos, idx.frames
@@ -232,7 +232,7 @@ def warm_up() -> None:
     """Load the tiny CLIP in this process once, so in-test searches are quick."""
     import warnings
 
-    from prvr_cli.encode import ClipEncoder
+    from prvr_cli.pipeline.encode import ClipEncoder
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "random weights": expected here
@@ -326,7 +326,7 @@ def test_kill_9_during_ingest_twenty_times(zygote, cli, tmp_path):
         log.append((f"{target}#{nth}/{when}", code, len(check_index(index))))
     # what is complete and current must not be redone
     states = check_index(index)
-    from prvr_cli.discover import content_hash
+    from prvr_cli.pipeline.discover import content_hash
     current = {str(p): content_hash(p) for p in sorted(lib.iterdir())}
     done = sum(states.get(p) == h for p, h in current.items())
     final = zygote.spawn(ingest_argv(index, lib))

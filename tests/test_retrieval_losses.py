@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from prvr_cli import retrieval_losses as RL
+from prvr_cli.nets import retrieval_losses as RL
 
 # 3 queries, 2 videos: queries 0 and 1 describe video 0, query 2 describes video 1.
 SCORES = torch.tensor([[0.9, 0.5],

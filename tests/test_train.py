@@ -10,14 +10,14 @@ import typer
 from torch import nn
 from typer.testing import CliRunner
 
-from prvr_cli import factory
-from prvr_cli.cli_train import parse_sets, train_command
-from prvr_cli.datasets import load_features
+from prvr_cli.nets import factory
+from prvr_cli.cli.train import parse_sets, train_command
+from prvr_cli.training.datasets import load_features
 from prvr_cli.errors import DataError, UsageError
-from prvr_cli.evaluate import evaluate
-from prvr_cli.factory import load_checkpoint
-from prvr_cli.retrieval import QueryEncoding, RetrievalModel, TrainBatch, VideoEncoding
-from prvr_cli.train import epoch_batches, make_schedule, train
+from prvr_cli.training.evaluate import evaluate
+from prvr_cli.nets.factory import load_checkpoint
+from prvr_cli.nets.retrieval import QueryEncoding, RetrievalModel, TrainBatch, VideoEncoding
+from prvr_cli.training.loop import epoch_batches, make_schedule, train
 
 from tests.test_datasets import synthetic, write_h5_dataset
 
@@ -156,7 +156,7 @@ def test_resume_is_exact_when_the_schedule_is_unchanged(toy, tmp_path, monkeypat
     _, data = toy
     full = train(CONFIG, data, tmp_path / "full", device="cpu", seed=2)
     # interrupt the same run after 3 epochs by making epoch 4 fail, then resume it
-    from prvr_cli import train as train_mod
+    from prvr_cli.training import loop as train_mod
 
     real = train_mod.Trainer.train_epoch
 

@@ -40,7 +40,7 @@ os.environ.setdefault("LANCE_LOG", "error")
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
-from .errors import CorruptError, DiskError, IndexMissingError, LockedError, MismatchError  # noqa: E402
+from ..errors import CorruptError, DiskError, IndexMissingError, LockedError, MismatchError  # noqa: E402
 
 FORMAT_VERSION = 1
 META_FILE = "index.json"
@@ -500,7 +500,7 @@ class Index:
 
     def _cache_folders(self) -> list[Path]:
         """Where search matrices may be kept: in the index, else (read-only index) in the user's cache folder."""
-        from .settings import cache_home
+        from ..settings import cache_home
 
         user = cache_home() / "indexes" / hashlib.sha1(str(self.root).encode()).hexdigest()[:16]
         return [self.root / "cache", user]

@@ -23,10 +23,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .datasets import PRVRData, Split, counted
-from .errors import DataError, PrvrError, UsageError
+from ..errors import DataError, PrvrError, UsageError
 from .evaluate import evaluate
-from .factory import TRAIN_DEFAULTS, create_model, merge_config, override, save_checkpoint
-from .retrieval import TrainBatch
+from ..nets.factory import TRAIN_DEFAULTS, create_model, merge_config, override, save_checkpoint
+from ..nets.retrieval import TrainBatch
 
 # Settings that may change when a run is resumed: they only decide when to stop.
 # (Raising max_epochs stretches the remaining linear decay over the new total.)

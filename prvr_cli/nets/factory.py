@@ -15,13 +15,13 @@ import importlib
 import json
 from pathlib import Path
 
-from .errors import CorruptError, UsageError
+from ..errors import CorruptError, UsageError
 
 # method name -> "module:Class" (imported lazily: only the chosen method is loaded)
 METHODS = {
-    "protoprvr": "prvr_cli.protoprvr:ProtoPRVR",
-    "mssl": "prvr_cli.mssl:MSSL",
-    "gmmformer": "prvr_cli.gmmformer:GMMFormer",
+    "protoprvr": "prvr_cli.nets.protoprvr:ProtoPRVR",
+    "mssl": "prvr_cli.nets.mssl:MSSL",
+    "gmmformer": "prvr_cli.nets.gmmformer:GMMFormer",
 }
 
 CHECKPOINT_FORMAT = 1
@@ -61,8 +61,8 @@ def check_config(config: dict) -> None:
 
 def zoo_dirs() -> list[Path]:
     """Folders holding model configs: the packaged copy, then the source checkout's `models/`."""
-    here = Path(__file__).resolve().parent
-    return [d for d in (here / "models", here.parent / "models") if d.is_dir()]
+    package = Path(__file__).resolve().parents[1]
+    return [d for d in (package / "models", package.parent / "models") if d.is_dir()]
 
 
 def list_presets() -> list[str]:

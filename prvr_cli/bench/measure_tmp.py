@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from . import quantize
-from .search import branch_scores, rank
+from ..index.search import branch_scores, rank
 
 DIM = 384
 METHODS = ("protoprvr", "mssl", "gmmformer")
@@ -392,7 +392,7 @@ def _decode_all(files: list[Path], fps: float, size: int, workers: int, batch_si
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from . import ingest
+    from ..pipeline import ingest
 
     def no_limit():
         # the ingest's per-file watch (when this version has one), with no time limit
@@ -428,12 +428,12 @@ def bench_ingest(path: str | Path, clip_model: str = "ViT-B-32", clip_pretrained
 
     import torch
 
-    from .discover import discover
-    from .encode import ClipEncoder
-    from .errors import UsageError
-    from .ingest import make_plan, run_ingest
-    from .prototypes import ZeroShotPrototypes
-    from .store import Index
+    from ..pipeline.discover import discover
+    from ..pipeline.encode import ClipEncoder
+    from ..errors import UsageError
+    from ..pipeline.ingest import make_plan, run_ingest
+    from ..pipeline.prototypes import ZeroShotPrototypes
+    from ..index.store import Index
 
     files = discover([Path(path)], None).files
     if not files:
@@ -560,9 +560,9 @@ def bench_storage_synthetic(n_videos: int = 10000, n_queries: int = 256, seed: i
 def bench_storage_real(checkpoint: str, data_root: str, collection: str, feature: str, split: str = "test",
                        device: str = "cpu", progress=None) -> dict:
     """Real model outputs: bytes per video, score error and rank agreement per storage type, and SumR per type."""
-    from .datasets import load_features
-    from .errors import UsageError
-    from .factory import load_checkpoint
+    from ..training.datasets import load_features
+    from ..errors import UsageError
+    from ..nets.factory import load_checkpoint
 
     model, meta = load_checkpoint(checkpoint, map_location=device)
     data = load_features(Path(data_root), collection, feature)
@@ -583,7 +583,7 @@ def storage_metrics(model, split, device: str = "cpu") -> dict:
     """
     import torch
 
-    from . import evaluate
+    from ..training import evaluate
 
     with torch.no_grad():
         chunks = []

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import layers
-from .errors import MismatchError
+from ..nets import layers
+from ..errors import MismatchError
 
 
 @dataclass
@@ -129,7 +129,7 @@ class TrainedPrototypes:
     @classmethod
     def load(cls, checkpoint: str | Path, encoder_spec: dict, device: str = "cpu") -> "TrainedPrototypes":
         """Load a checkpoint and check it was trained on features like this encoder's."""
-        from .factory import load_checkpoint
+        from ..nets.factory import load_checkpoint
 
         model, meta = load_checkpoint(checkpoint)
         dims, dim = meta["dims"], encoder_spec["dim"]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UsageError, WeightsError
+from ..errors import UsageError, WeightsError
 
 log = logging.getLogger("prvr")
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import quantize
-from .bench import load_average, matching_flops, storage_metrics
-from .errors import UsageError
-from .factory import load_checkpoint, load_config, override
-from .train import STOP_KEYS, train, train_settings
+from .measure_tmp import load_average, matching_flops, storage_metrics
+from ..errors import UsageError
+from ..nets.factory import load_checkpoint, load_config, override
+from ..training.loop import STOP_KEYS, train, train_settings
 
 AUX_LOSSES = ("crecon", "urecon", "attn", "ortho")   # added in this order in the ablation
 TABLES = ("methods", "ablation", "prototypes")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import layers
-from .errors import UsageError
+from ..errors import UsageError
 from .factory import merge_config
 from .retrieval import QueryEncoding, TrainBatch, VideoEncoding, WeightedBranchModel
 from .retrieval_losses import infonce_loss, paired_infonce_loss, triplet_loss

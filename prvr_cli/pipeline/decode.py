@@ -15,7 +15,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import DecodeError
+from ..errors import DecodeError
 
 
 @dataclass

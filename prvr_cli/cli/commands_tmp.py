@@ -14,8 +14,8 @@ from typing import List, Optional
 
 import typer
 
-from . import settings
-from .errors import ExitCode, IndexMissingError, MismatchError, PrvrError, UsageError
+from .. import settings
+from ..errors import ExitCode, IndexMissingError, MismatchError, PrvrError, UsageError
 from .output import (IngestProgress, StdoutClosed, fmt_bytes, fmt_time, native_stderr_silenced, print_search, stderr,
                      tsv_line, write_line)
 
@@ -39,7 +39,7 @@ def _index_path(flag: Optional[Path]) -> Path:
 
 def _builder(model: Optional[str], encoder_spec: dict, device: str):
     """The prototype builder: a trained checkpoint, or zero-shot CLIP prototypes."""
-    from .prototypes import TrainedPrototypes, ZeroShotPrototypes
+    from ..pipeline.prototypes import TrainedPrototypes, ZeroShotPrototypes
 
     if not model or model == "zero-shot":
         return ZeroShotPrototypes()
@@ -74,10 +74,10 @@ def ingest(
     """Index videos: decode, encode frames with CLIP, build prototypes, store them."""
     import numpy as np
 
-    from .discover import discover
-    from .encode import ClipEncoder, describe, fingerprint, pick_device
-    from .ingest import DECODE_TIMEOUT, make_plan, run_ingest
-    from .store import Index
+    from ..pipeline.discover import discover
+    from ..pipeline.encode import ClipEncoder, describe, fingerprint, pick_device
+    from ..pipeline.ingest import DECODE_TIMEOUT, make_plan, run_ingest
+    from ..index.store import Index
 
     fps = settings.resolve("fps", fps, float)
     workers = settings.resolve("workers", workers, int)
@@ -197,9 +197,9 @@ def search(
                                          "separate hits (by default they are one hit, with the others as copies)."),
 ):
     """Rank indexed videos for a query, with the time ranges that match it."""
-    from .encode import ClipEncoder, describe, fingerprint
-    from .search import attach_highlights, rank
-    from .store import Index
+    from ..pipeline.encode import ClipEncoder, describe, fingerprint
+    from ..index.search import attach_highlights, rank
+    from ..index.store import Index
 
     if sum([as_json, as_jsonl, paths_only]) > 1:
         raise UsageError("choose one of --json, --jsonl and --paths-only")
@@ -233,7 +233,7 @@ def search(
     requested = settings.resolve("model", model)
     builder = _builder(requested or idx.recorded_model(), encoder.spec(), encoder.device)
     if builder.spec()["fingerprint"] != builder_spec["fingerprint"]:
-        from .store import describe_builder
+        from ..index.store import describe_builder
         raise MismatchError(f"index {idx.root} holds prototypes from {describe_builder(builder_spec)}, not "
                             f"{describe_builder(builder.spec())}; search without --model or run `prvr reindex --model`")
     for q in queries:
@@ -261,7 +261,7 @@ def list_videos(
     as_json: bool = typer.Option(False, "--json", help="JSON Lines, one object per video."),
 ):
     """What is indexed: one line per video, then totals on stderr."""
-    from .store import Index
+    from ..index.store import Index
 
     idx = Index.open(_index_path(index))
     table = idx.videos
@@ -304,7 +304,7 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="As one JSON object."),
 ):
     """Where the index is, what built it, and its table versions."""
-    from .store import Index, describe_builder
+    from ..index.store import Index, describe_builder
 
     idx = Index.open(_index_path(index))
     idx.verify()
@@ -335,9 +335,9 @@ def reindex(
     device: Optional[str] = DeviceOpt,
 ):
     """Rebuild every video's prototypes with another model, from stored frame features (no decoding)."""
-    from .encode import pick_device
-    from .ingest import reindex as rebuild
-    from .store import Index
+    from ..pipeline.encode import pick_device
+    from ..pipeline.ingest import reindex as rebuild
+    from ..index.store import Index
 
     idx = Index.open(_index_path(index))
     if idx.encoder_spec is None or idx.count() == 0:
@@ -360,7 +360,7 @@ def compact(
     as_json: bool = typer.Option(False, "--json", help="Print the sizes as JSON on stdout."),
 ):
     """Merge the index's small table files and delete every old table version (not while a search runs)."""
-    from .store import Index
+    from ..index.store import Index
 
     idx = Index.open(_index_path(index))
     before = _du(idx.root)
@@ -375,11 +375,11 @@ def compact(
 
 def _register_optional_commands() -> None:
     """Commands that live in their own modules (training and benchmarks)."""
-    from .cli_train import train_command
+    from .train import train_command
 
     app.command("train")(train_command)
     try:
-        from .cli_bench import bench_app
+        from .bench import bench_app
     except ImportError:  # until the benchmark module lands
         return
     app.add_typer(bench_app, name="bench")

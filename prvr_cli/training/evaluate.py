@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .datasets import Split
-from .retrieval import RetrievalModel
+from ..nets.retrieval import RetrievalModel
 
 KS = (1, 5, 10, 100)
 

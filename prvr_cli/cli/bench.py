@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from .errors import UsageError
+from ..errors import UsageError
 from .output import stderr, write_line
 
 bench_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -55,7 +55,7 @@ def search_cmd(
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
 ):
     """Query latency against corpus size for each method's exact scoring (synthetic stored vectors)."""
-    from . import bench
+    from ..bench import measure_tmp as bench
 
     size_list = _int_list(sizes, "--sizes")
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
@@ -107,8 +107,8 @@ def ingest_cmd(
     """Frames/s of decoding alone, the CLIP image encoder alone, and the full ingest, in one run."""
     import os
 
-    from . import bench
-    from .encode import pick_device
+    from ..bench import measure_tmp as bench
+    from ..pipeline.encode import pick_device
     from .output import native_stderr_silenced
 
     if not path.exists():
@@ -149,8 +149,8 @@ def storage_cmd(
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
 ):
     """Bytes per video and score/rank effect of float32, float16 and int8 storage (synthetic and, optionally, real)."""
-    from . import bench
-    from .encode import pick_device
+    from ..bench import measure_tmp as bench
+    from ..pipeline.encode import pick_device
 
     if n_videos < 10 or n_queries < 1:
         raise UsageError(f"--videos {n_videos} / --queries {n_queries}: use at least 10 videos and 1 query")
@@ -210,9 +210,9 @@ def accuracy_cmd(
     """Train (or reuse) ProtoPRVR, MS-SL, GMMFormer and the ProtoPRVR ablations; test R@K, SumR, memory, FLOPs."""
     from rich.console import Console
 
-    from . import bench_accuracy
-    from .datasets import load_features
-    from .train import resolve_device
+    from ..bench import accuracy as bench_accuracy
+    from ..training.datasets import load_features
+    from ..training.loop import resolve_device
 
     table_list = [t.strip() for t in tables.split(",") if t.strip()]
     bad = [t for t in table_list if t not in bench_accuracy.TABLES]

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataError
+from ..errors import DataError
 
 SPLITS = ("train", "val", "test")
 
@@ -430,7 +430,7 @@ def load_index(index_dir: Path, captions_file: Path, seed: int = 0, val_fraction
 
     `encoder` (anything with `encode_text_tokens(list[str])`) defaults to the index's own CLIP.
     """
-    from .store import Index
+    from ..index.store import Index
 
     captions_file = Path(captions_file)
     records = read_caption_jsonl(captions_file)
@@ -446,7 +446,7 @@ def load_index(index_dir: Path, captions_file: Path, seed: int = 0, val_fraction
     train, val = carve_val(caps, seed, val_fraction)
 
     if encoder is None:
-        from .encode import ClipEncoder
+        from ..pipeline.encode import ClipEncoder
 
         src = spec.get("source") or spec
         encoder = ClipEncoder.load(src["clip_model"], src["clip_pretrained"] or "none", device="cpu")
@@ -481,7 +481,7 @@ class VideoMatcher:
             self.by_name.setdefault(Path(path).name, []).append(path)
 
     def __call__(self, raw: str, line: int) -> str:
-        from .discover import content_hash
+        from ..pipeline.discover import content_hash
 
         path = Path(raw).expanduser()
         resolved = (path if path.is_absolute() else self.captions_file.parent / path).resolve()

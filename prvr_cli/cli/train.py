@@ -7,8 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from .errors import UsageError
-from .factory import check_config, load_config, override
+from ..errors import UsageError
+from ..nets.factory import check_config, load_config, override
 
 
 def parse_sets(pairs: list[str]) -> dict:
@@ -49,8 +49,8 @@ def train_command(
     as_json: bool = typer.Option(False, "--json", help="Print the final summary as JSON on stdout."),
 ) -> None:
     """Train a model; progress on stderr, checkpoints and metrics.json in --out."""
-    from .datasets import load_features, load_index
-    from .train import train
+    from ..training.datasets import load_features, load_index
+    from ..training.loop import train
 
     if index is not None and data is not None:
         raise UsageError("pass either --data (pre-extracted features) or --index with --captions, not both")

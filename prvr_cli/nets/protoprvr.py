@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import protoprvr_losses as L
-from .errors import UsageError
+from ..errors import UsageError
 from .factory import merge_config
 from .retrieval_losses import infonce_loss, triplet_loss
 from .layers import (AttentionPool, InputProjection, downsample_frames, span_means, span_to_token,

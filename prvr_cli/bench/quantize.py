@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import UsageError
+from ..errors import UsageError
 
 KINDS = ("float32", "float16", "int8")
 ALIASES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16", "half": "float16"}
@@ -114,7 +114,7 @@ def quantize_encoding(enc, kind: str):
     """
     import torch
 
-    from .retrieval import VideoEncoding
+    from ..nets.retrieval import VideoEncoding
 
     kind = check_kind(kind)
 

@@ -21,8 +21,8 @@ import numpy as np
 
 from .decode import VideoInfo, decode_frames
 from .discover import content_hash
-from .errors import DecodeError, PrvrError
-from .store import Index, VideoRecord
+from ..errors import DecodeError, PrvrError
+from ..index.store import Index, VideoRecord
 
 
 @dataclass

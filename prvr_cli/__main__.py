@@ -1,3 +1,3 @@
-from .cli.commands_tmp import run
+from .cli import run
 
 run()

@@ -62,19 +62,22 @@ def _config_file(path: str) -> dict:
     return values
 
 
-def resolve(name: str, flag=None, cast=str, default=None):
-    """The value of setting `name`: flag, else PRVR_NAME, else config file, else `default`, else the built-in default."""
+def given(name: str, flag=None, cast=str):
+    """The value of setting `name` from the flag, else PRVR_NAME, else the config file; None when none sets it."""
     if flag is not None:
         return flag
-    env = os.environ.get(f"PRVR_{name.upper()}")
-    source, value = f"PRVR_{name.upper()}", env
+    source, value = f"PRVR_{name.upper()}", os.environ.get(f"PRVR_{name.upper()}")
     if value is None or value == "":
         source, value = f"{config_path()}:{name}", _config_file(str(config_path())).get(name)
     if value is None:
-        if default is not None:
-            return default
-        return DEFAULTS[name]() if name in DEFAULTS else None
+        return None
     try:
         return cast(value)
     except (TypeError, ValueError) as e:
         raise UsageError(f"{source} = {value!r} is not a valid {cast.__name__}") from e
+
+
+def resolve(name: str, flag=None, cast=str):
+    """The value of setting `name`: flag, else PRVR_NAME, else config file, else the built-in default."""
+    value = given(name, flag, cast)
+    return value if value is not None else DEFAULTS[name]()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import FIXTURES, TINY_CLIP, make_video, PALETTE
+from tests.helpers import FIXTURES, TINY_CLIP, make_video, PALETTE
 
 LEGACY = FIXTURES / "legacy"
 TINY = ["--clip-model", TINY_CLIP, "--clip-pretrained", "none"]

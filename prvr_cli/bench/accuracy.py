@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import quantize
-from .measure_tmp import load_average, matching_flops, storage_metrics
+from .common import load_average, matching_flops
+from .storage import storage_metrics
 from ..errors import UsageError
 from ..nets.factory import load_checkpoint, load_config, override
 from ..training.loop import STOP_KEYS, train, train_settings
@@ -266,3 +267,38 @@ def plot(result: dict, folder: Path) -> list[Path]:
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
     return written
+
+
+def run(data_root: Path, collection: str, feature: str, runs: Path, presets: list[str], ablation_preset: str,
+        prototype_counts: list[int], tables: list[str], epochs: int | None, batch_videos: int | None,
+        train_videos: int | None, seed: int, device: str, plots: Path | None, console) -> dict:
+    """`prvr bench accuracy`: check the request, load the data, train or reuse every run, score it, and write
+    the record (runs/bench_accuracy*.json) and the plots."""
+    from ..devices import resolve_device
+    from ..training.datasets import load_features
+
+    bad = [t for t in tables if t not in TABLES]
+    if bad or not tables:
+        raise UsageError(f"--tables {','.join(tables)!r}: choose from {', '.join(TABLES)}")
+    if "methods" in tables and not presets:
+        raise UsageError("--presets is empty; name at least one preset, e.g. protoprvr_anet")
+    budget = {}
+    for flag, key, value in (("--epochs", "train.max_epochs", epochs), ("--batch-videos", "train.batch_videos",
+                                                                         batch_videos)):
+        if value is not None:
+            if value < 1:
+                raise UsageError(f"{flag} must be at least 1, got {value}")
+            budget[key] = value
+    if train_videos is not None and train_videos < 2:
+        raise UsageError(f"--train-videos {train_videos}: use at least 2 videos (or leave it out for all)")
+    device = resolve_device(device)
+    say(console, f"loading {data_root} ({collection}/{feature})")
+    dataset = load_features(data_root, collection, feature, seed=seed).with_train_subset(train_videos, seed)
+    result = bench_accuracy(dataset, runs, presets, ablation_preset, prototype_counts, tables, budget, device, seed,
+                            console)
+    result["plots"] = [str(p) for p in plot(result, plots or runs)]
+    # the full report keeps its own name, so a partial rerun (--tables) never replaces it
+    record = runs / ("bench_accuracy.json" if set(tables) == set(TABLES) else f"bench_accuracy-{'+'.join(tables)}.json")
+    record.write_text(json.dumps(result, indent=2))
+    say(console, f"results in {record}; plots: {', '.join(result['plots'])}")
+    return result

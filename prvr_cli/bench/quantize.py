@@ -17,7 +17,7 @@ from ..errors import UsageError
 
 KINDS = ("float32", "float16", "int8")
 ALIASES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16", "half": "float16"}
-BLOCK_ROWS = 1 << 18  # rows widened to float32 at once by int8_branch_scores
+BLOCK_ROWS = 1 << 18  # rows widened to float32 at once by int8_max_prototype_scores
 
 
 def check_kind(kind: str) -> str:
@@ -82,8 +82,8 @@ def bytes_per_vector(dim: int, kind: str) -> int:
     return {"float32": 4 * dim, "float16": 2 * dim, "int8": dim + 4}[kind]
 
 
-def int8_branch_scores(v: Int8Vectors, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Like prvr_cli.search.branch_scores, directly on int8: codes [N, Lp, D] with scales [N, Lp].
+def int8_max_prototype_scores(v: Int8Vectors, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Like prvr_cli.index.search.max_prototype_scores, directly on int8: codes [N, Lp, D] with scales [N, Lp].
 
     Returns (max score [Q, N], argmax prototype [Q, N]) of the dot products of the
     dequantized vectors with the queries [Q, D].

@@ -1,21 +1,23 @@
-"""`prvr bench`: efficiency benchmarks (search latency, ingest throughput, storage types).
+"""`prvr bench`: search latency, ingest throughput, storage types and accuracy, measured on this machine.
 
 Results go to stdout (a table, or JSON with --json); progress goes to stderr.
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from ..errors import UsageError
-from .output import stderr, write_line
+from .output import native_stderr_silenced, stderr, write_line
 
 bench_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                        rich_markup_mode=None, help="Efficiency benchmarks: search latency, ingest throughput, "
-                                                    "storage types (numbers are measured on this machine).")
+                        rich_markup_mode=None, help="Efficiency and accuracy benchmarks: search latency, ingest "
+                                                    "throughput, storage types, methods side by side (numbers are "
+                                                    "measured on this machine).")
 
 
 def _say(text: str) -> None:
@@ -30,6 +32,10 @@ def _int_list(value: str, flag: str) -> list[int]:
     if not out or any(v < 1 for v in out):
         raise UsageError(f"{flag} {value!r}: give comma-separated numbers of at least 1, e.g. 1000,10000")
     return out
+
+
+def _names(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
 
 
 def _table(headers: list[str], rows: list[list]) -> None:
@@ -55,29 +61,19 @@ def search_cmd(
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
 ):
     """Query latency against corpus size for each method's exact scoring (synthetic stored vectors)."""
-    from ..bench import measure_tmp as bench
+    from ..bench.latency import bench_search, plot_search
 
-    size_list = _int_list(sizes, "--sizes")
-    method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    bad = [m for m in method_list if m not in bench.METHODS]
-    if bad or not method_list:
-        raise UsageError(f"--methods {methods!r}: choose from {', '.join(bench.METHODS)}")
-    if queries < 1 or repeats < 1:
-        raise UsageError(f"--queries {queries} / --repeats {repeats}: both must be at least 1")
-    if not 1 <= mssl_frames <= 128:
-        raise UsageError(f"--mssl-frames {mssl_frames}: MS-SL keeps 1 to 128 frame tokens per video")
-    if mem_gib <= 0 or cell_budget <= 0:
-        raise UsageError("--mem-gib and --cell-budget must be positive")
     if plot is not None and plot.suffix.lower() != ".png":
         raise UsageError(f"--plot {plot}: give a .png file name")
-    result = bench.bench_search(size_list, method_list, queries, repeats, lancedb, mssl_frames, mem_gib, cell_budget,
-                                lancedb_max, seed, progress=_say)
+    result = bench_search(_int_list(sizes, "--sizes"), _names(methods), queries, repeats, lancedb, mssl_frames,
+                          mem_gib, cell_budget, lancedb_max, seed, progress=_say)
     if plot is not None:
-        result["plot"] = str(bench.plot_search(result, plot))
+        result["plot"] = str(plot_search(result, plot))
         _say(f"plot written to {plot}")
-    if as_json:
-        write_line(json.dumps(result))
-        return
+    write_line(json.dumps(result)) if as_json else _print_search(result)
+
+
+def _print_search(result: dict) -> None:
     rows = [[c["method"], c["engine"], c["n_videos"], c["queries"], f"{c['median_ms']:.1f}", f"{c['per_query_ms']:.2f}",
              c["runs"], "/".join(f"{x:.1f}" for x in c["load_average"]), "streamed" if c["streamed"] else ""]
             for c in result["cells"]]
@@ -105,23 +101,13 @@ def ingest_cmd(
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
 ):
     """Frames/s of decoding alone, the CLIP image encoder alone, and the full ingest, in one run."""
-    import os
+    from ..bench.ingest import bench_ingest
+    from ..devices import resolve_device
 
-    from ..bench import measure_tmp as bench
-    from ..pipeline.encode import pick_device
-    from .output import native_stderr_silenced
-
-    if not path.exists():
-        raise UsageError(f"{path}: no such file or folder; pass a folder of videos")
-    if not 0 < fps <= 60:
-        raise UsageError(f"--fps {fps}: use a rate between 0 and 60 frames per second")
-    workers = workers if workers is not None else min(4, os.cpu_count() or 1)
-    if workers < 1 or batch_size < 1:
-        raise UsageError("--workers and --batch-size must be at least 1")
-    dev = pick_device(device)
     with native_stderr_silenced():
-        res = bench.bench_ingest(path, clip_model, clip_pretrained, dev, fps, workers, batch_size, profile,
-                                 progress=_say)
+        res = bench_ingest(path, clip_model, clip_pretrained, resolve_device(device), fps,
+                           workers if workers is not None else min(4, os.cpu_count() or 1), batch_size, profile,
+                           progress=_say)
     if as_json:
         write_line(json.dumps(res))
         return
@@ -149,22 +135,22 @@ def storage_cmd(
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
 ):
     """Bytes per video and score/rank effect of float32, float16 and int8 storage (synthetic and, optionally, real)."""
-    from ..bench import measure_tmp as bench
-    from ..pipeline.encode import pick_device
+    from ..bench.common import load_average
+    from ..bench.storage import bench_storage_real, bench_storage_synthetic
+    from ..devices import resolve_device
 
-    if n_videos < 10 or n_queries < 1:
-        raise UsageError(f"--videos {n_videos} / --queries {n_queries}: use at least 10 videos and 1 query")
     if (checkpoint is None) != (data is None):
         raise UsageError("--checkpoint and --data go together; pass both (or neither for synthetic only)")
     _say(f"synthetic ProtoPRVR prototypes: {n_videos} videos, {n_queries} queries")
-    res = {"synthetic": bench.bench_storage_synthetic(n_videos, n_queries)}
+    res = {"synthetic": bench_storage_synthetic(n_videos, n_queries)}
     if checkpoint is not None:
-        res["real"] = bench.bench_storage_real(str(checkpoint), str(data), collection, feature, split,
-                                               pick_device(device), progress=_say)
-    res["load_average"] = bench.load_average()
-    if as_json:
-        write_line(json.dumps(res))
-        return
+        res["real"] = bench_storage_real(str(checkpoint), str(data), collection, feature, split,
+                                         resolve_device(device), progress=_say)
+    res["load_average"] = load_average()
+    write_line(json.dumps(res)) if as_json else _print_storage(res)
+
+
+def _print_storage(res: dict) -> None:
     syn = res["synthetic"]
     write_line("bytes per video (model outputs; MS-SL with "
                f"{syn['mssl_frames']} frame tokens; int8 includes a 4-byte scale per vector)")
@@ -210,37 +196,9 @@ def accuracy_cmd(
     """Train (or reuse) ProtoPRVR, MS-SL, GMMFormer and the ProtoPRVR ablations; test R@K, SumR, memory, FLOPs."""
     from rich.console import Console
 
-    from ..bench import accuracy as bench_accuracy
-    from ..training.datasets import load_features
-    from ..training.loop import resolve_device
+    from ..bench import accuracy
 
-    table_list = [t.strip() for t in tables.split(",") if t.strip()]
-    bad = [t for t in table_list if t not in bench_accuracy.TABLES]
-    if bad or not table_list:
-        raise UsageError(f"--tables {tables!r}: choose from {', '.join(bench_accuracy.TABLES)}")
-    preset_list = [p.strip() for p in presets.split(",") if p.strip()]
-    if "methods" in table_list and not preset_list:
-        raise UsageError("--presets is empty; name at least one preset, e.g. protoprvr_anet")
-    counts = _int_list(prototypes, "--prototypes")
-    budget = {}
-    for flag, key, value in (("--epochs", "train.max_epochs", epochs), ("--batch-videos", "train.batch_videos",
-                                                                         batch_videos)):
-        if value is not None:
-            if value < 1:
-                raise UsageError(f"{flag} must be at least 1, got {value}")
-            budget[key] = value
-    if train_videos is not None and train_videos < 2:
-        raise UsageError(f"--train-videos {train_videos}: use at least 2 videos (or leave it out for all)")
-    dev = str(resolve_device(device))
-    _say(f"loading {data} ({collection}/{feature})")
-    dataset = load_features(data, collection, feature, seed=seed).with_train_subset(train_videos, seed)
-    console = Console(stderr=True, soft_wrap=True, highlight=False)
-    result = bench_accuracy.bench_accuracy(dataset, runs, preset_list, ablation_preset, counts, table_list, budget,
-                                           dev, seed, console)
-    result["plots"] = [str(p) for p in bench_accuracy.plot(result, plots or runs)]
-    # the full report keeps its own name, so a partial rerun (--tables) never replaces it
-    record = runs / ("bench_accuracy.json" if set(table_list) == set(bench_accuracy.TABLES)
-                     else f"bench_accuracy-{'+'.join(table_list)}.json")
-    record.write_text(json.dumps(result, indent=2))
-    _say(f"results in {record}; plots: {', '.join(result['plots'])}")
-    write_line(json.dumps(result) if as_json else bench_accuracy.markdown(result))
+    result = accuracy.run(data, collection, feature, runs, _names(presets), ablation_preset,
+                          _int_list(prototypes, "--prototypes"), _names(tables), epochs, batch_videos, train_videos,
+                          seed, device, plots, Console(stderr=True, soft_wrap=True, highlight=False))
+    write_line(json.dumps(result) if as_json else accuracy.markdown(result))

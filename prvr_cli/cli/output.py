@@ -123,32 +123,62 @@ def print_search(results: list[tuple[str, list]], fmt: str, nul: bool = False) -
             console.print(table)
 
 
-class IngestProgress:
-    """A rich progress bar on stderr: videos done, frames encoded, frames per second, and errors as they come."""
+def print_videos(rows: list[dict], as_json: bool) -> None:
+    """`prvr list`: JSON Lines, a table on a terminal, else tab-separated path, duration, frames, size."""
+    if as_json:
+        for r in rows:
+            write_line(json.dumps({"path": r["path"], "duration": round(r["duration"], 3), "frames": r["n_frames"],
+                                   "size": r["size"], "ingested_at": r["ingested_at"]}, ensure_ascii=False))
+    elif sys.stdout.isatty():
+        table = Table()
+        for col, just in (("video", "left"), ("duration", "right"), ("frames", "right"), ("size", "right")):
+            table.add_column(col, justify=just, overflow="fold")
+        for r in rows:
+            table.add_row(Text(r["path"]), fmt_time(r["duration"]), str(r["n_frames"]), fmt_bytes(r["size"]))
+        stdout_console().print(table)
+    else:
+        for r in rows:
+            write_line(tsv_line([r["path"], f"{r['duration']:.2f}", r["n_frames"], r["size"]]))
 
-    def __init__(self, total_videos: int, enabled: bool = True):
-        self.progress = Progress(
-            TextColumn("[bold]ingest[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("videos"),
-            TextColumn("{task.fields[frames]} frames"), TextColumn("{task.fields[rate]:.1f} frames/s"),
-            TimeElapsedColumn(), console=stderr, disable=not enabled, transient=False)
-        self.task = self.progress.add_task("ingest", total=total_videos, frames=0, rate=0.0)
-        self.frames = 0
+
+class IngestProgress:
+    """A rich progress bar on stderr (videos done, frames encoded, frames per second) and errors as they come.
+
+    The library calls `begin(total)` once it knows how many videos it will encode; with none, or when
+    disabled, no bar is drawn and errors are still printed.
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.progress, self.frames = enabled, None, 0
 
     def __enter__(self):
-        self.progress.__enter__()
         return self
 
     def __exit__(self, *exc):
-        self.progress.__exit__(*exc)
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def begin(self, total_videos: int) -> None:
+        if not self.enabled or not total_videos:
+            return
+        self.progress = Progress(
+            TextColumn("[bold]ingest[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("videos"),
+            TextColumn("{task.fields[frames]} frames"), TextColumn("{task.fields[rate]:.1f} frames/s"),
+            TimeElapsedColumn(), console=stderr, transient=False)
+        self.progress.__enter__()
+        self.task = self.progress.add_task("ingest", total=total_videos, frames=0, rate=0.0)
 
     def frames_done(self, n: int) -> None:
         self.frames += n
-        elapsed = self.progress.tasks[0].elapsed or 1e-9
-        self.progress.update(self.task, frames=self.frames, rate=self.frames / elapsed)
+        if self.progress is not None:
+            elapsed = self.progress.tasks[0].elapsed or 1e-9
+            self.progress.update(self.task, frames=self.frames, rate=self.frames / elapsed)
 
     def video_done(self) -> None:
-        self.progress.advance(self.task)
+        if self.progress is not None:
+            self.progress.advance(self.task)
 
     def error(self, message: str) -> None:
-        self.progress.console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True,
-                                    style="red" if self.progress.console.is_terminal else None)
+        console = self.progress.console if self.progress is not None else stderr
+        console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True,
+                      style="red" if console.is_terminal else None)

@@ -14,7 +14,7 @@ import numpy as np
 BLOCK_ROWS = 1 << 18  # prototypes per matrix-product block (float32 copy of at most 256k x D)
 
 
-def branch_scores(protos: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def max_prototype_scores(protos: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """protos [N, Lp, D], queries [Q, D] -> (max score [Q, N], argmax prototype [Q, N]).
 
     float32 prototypes are used in place; other dtypes are converted block by block.
@@ -61,8 +61,8 @@ def rank(paths: list[str], clip: np.ndarray, frame: np.ndarray, q_clip: np.ndarr
     With `hashes` (each video's content hash), identical copies of one file are one hit: the first of their
     paths is scored, and the others are listed as its copies.
     """
-    s_clip, a_clip = branch_scores(clip, q_clip)
-    s_frame, a_frame = branch_scores(frame, q_frame)
+    s_clip, a_clip = max_prototype_scores(clip, q_clip)
+    s_frame, a_frame = max_prototype_scores(frame, q_frame)
     total = weights[0] * s_clip + weights[1] * s_frame                                  # [Q, N]
     copies: dict[int, list[str]] = {}
     if hashes is not None:

@@ -40,7 +40,7 @@ os.environ.setdefault("LANCE_LOG", "error")
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
-from ..errors import CorruptError, DiskError, IndexMissingError, LockedError, MismatchError  # noqa: E402
+from ..errors import CorruptError, DiskError, IndexMissingError, LockedError  # noqa: E402
 
 FORMAT_VERSION = 1
 META_FILE = "index.json"
@@ -99,17 +99,19 @@ def _disk_guard(fn):
 class Index:
     """A prvr index folder. Open with `Index.open(path)`; write only inside `with index.lock():`."""
 
-    def __init__(self, root: Path, meta: dict):
+    def __init__(self, root: Path, meta: dict, cache_dir: Path | None = None):
         import lancedb
 
-        self.root, self.meta = root, meta
+        self.root, self.meta, self.cache_dir = root, meta, cache_dir
         self.db = lancedb.connect(str(root / "db"))
         self._snapshot = None  # the videos table version a search ranked, so its rows are read from it too
 
     # ----- opening and identity -------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | Path, create: bool = False) -> "Index":
+    def open(cls, path: str | Path, create: bool = False, cache_dir: Path | None = None) -> "Index":
+        """Open the index at `path` (with `create`, make it if absent). `cache_dir` holds search matrices
+        when the index folder is read-only."""
         root = Path(path).expanduser().resolve()
         meta_path = root / META_FILE
         if root.exists() and not root.is_dir():
@@ -125,9 +127,9 @@ class Index:
             root.mkdir(parents=True, exist_ok=True)
             meta = {"format": FORMAT_VERSION, "created": time.time()}
             if cls._write_meta(root, meta, exclusive=True):
-                return cls(root, meta)
-            return cls.open(root)  # another process created it a moment ago
-        return cls(root, cls._read_meta(root))
+                return cls(root, meta, cache_dir)
+            return cls.open(root, cache_dir=cache_dir)  # another process created it a moment ago
+        return cls(root, cls._read_meta(root), cache_dir)
 
     @staticmethod
     def _read_meta(root: Path) -> dict:
@@ -172,24 +174,14 @@ class Index:
         return self.meta.get("builder")
 
     def bind(self, encoder_spec: dict, builder_spec: dict, proto_dim: int) -> None:
-        """Record the encoder and builder of a new index, or check an existing index matches them."""
-        old_enc, old_builder = self.encoder_spec, self.builder_spec
-        if old_enc is None:
-            self.meta.update(encoder=encoder_spec, builder=self._keep_model(builder_spec), proto_dim=proto_dim)
-            self._write_meta(self.root, self.meta)
-            return
-        if old_enc["fingerprint"] != encoder_spec["fingerprint"]:
-            raise MismatchError(
-                f"index {self.root} holds features of CLIP {old_enc['clip_model']}/{old_enc['clip_pretrained']}, "
-                f"not {encoder_spec['clip_model']}/{encoder_spec['clip_pretrained']}; use the same --clip-model/"
-                "--clip-pretrained or another --index")
-        if old_builder["fingerprint"] != builder_spec["fingerprint"]:
-            raise MismatchError(
-                f"index {self.root} holds prototypes from {describe_builder(old_builder)}, not "
-                f"{describe_builder(builder_spec)}; pass the same --model, or rebuild them with "
-                "`prvr reindex --model CKPT`")
-        if old_builder.get("kind") == "trained" and not (self.root / MODEL_FILE).is_file():
-            self.rebind_builder(builder_spec, proto_dim)  # an index from before the model was kept inside
+        """Record the encoder and prototype builder of a new index (the caller has checked an existing one)."""
+        self.meta.update(encoder=encoder_spec, builder=self._keep_model(builder_spec), proto_dim=proto_dim)
+        self._write_meta(self.root, self.meta)
+
+    def keep_model_copy(self, builder_spec: dict) -> None:
+        """Give an index made before indexes kept their model a copy of it (from the builder just loaded)."""
+        if builder_spec.get("kind") == "trained" and not (self.root / MODEL_FILE).is_file():
+            self.rebind_builder(builder_spec, self.meta["proto_dim"])
 
     def rebind_builder(self, builder_spec: dict, proto_dim: int) -> None:
         self.meta.update(builder=self._keep_model(builder_spec), proto_dim=proto_dim)
@@ -419,13 +411,6 @@ class Index:
             self.frames.delete(f"path = {sql_str(p)}")
 
     @_disk_guard
-    def replace_prototypes(self, rows: list[dict]) -> None:
-        """Swap in new prototypes and attention for existing videos (used by reindex)."""
-        videos, _ = self._ensure_tables()
-        table = to_table(rows, self._schemas()[0])
-        videos.merge_insert("path").when_matched_update_all().execute(table)
-
-    @_disk_guard
     def recreate_videos_table(self, rows: list[dict]) -> None:
         """Replace the videos table wholesale (reindex into a prototype dim that differs)."""
         schema = self._schemas()[0]
@@ -499,11 +484,11 @@ class Index:
             return self.search_matrices()
 
     def _cache_folders(self) -> list[Path]:
-        """Where search matrices may be kept: in the index, else (read-only index) in the user's cache folder."""
-        from ..settings import cache_home
-
-        user = cache_home() / "indexes" / hashlib.sha1(str(self.root).encode()).hexdigest()[:16]
-        return [self.root / "cache", user]
+        """Where search matrices may be kept: in the index, else (read-only index) in the caller's cache folder."""
+        folders = [self.root / "cache"]
+        if self.cache_dir is not None:
+            folders.append(Path(self.cache_dir) / hashlib.sha1(str(self.root).encode()).hexdigest()[:16])
+        return folders
 
     def _matrices(self, table) -> "SearchMatrices":
         data = table.to_arrow().select(["path", "content_hash", "proto_clip", "proto_frame"])

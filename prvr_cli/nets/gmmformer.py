@@ -78,6 +78,7 @@ class GMMFormer(WeightedBranchModel):
         super().__init__()
         self.video_dim, self.text_dim = video_dim, text_dim
         self.cfg = cfg = merge_config(self.DEFAULTS, cfg, f"{self.method} model")
+        self.output_dim = cfg["hidden_size"]
         D, drop, in_drop, heads = cfg["hidden_size"], cfg["dropout"], cfg["input_dropout"], cfg["n_heads"]
         n_w = len(cfg["gauss_widths"])
         self.query_encoder = QueryEncoder(text_dim, cfg)

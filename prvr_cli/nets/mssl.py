@@ -145,6 +145,7 @@ class MSSL(WeightedBranchModel):
         super().__init__()
         self.video_dim, self.text_dim = video_dim, text_dim
         self.cfg = cfg = merge_config(self.DEFAULTS, cfg, f"{self.method} model")
+        self.output_dim = cfg["hidden_size"]
         D, drop, in_drop = cfg["hidden_size"], cfg["dropout"], cfg["input_dropout"]
         self.query_encoder = QueryEncoder(text_dim, cfg)
         self.clip_proj = layers.InputProjection(video_dim, D, in_drop)

@@ -165,6 +165,7 @@ class ProtoPRVR(RetrievalModel):
         super().__init__()
         cfg = merge_config(self.DEFAULTS, cfg, f"{self.method} model")
         self.video_dim, self.text_dim = video_dim, text_dim
+        self.output_dim = cfg["hidden"]  # prototypes and query vectors live in the hidden space
         hidden, heads, ff_dim, dropout = cfg["hidden"], cfg["heads"], cfg["ff_dim"] or cfg["hidden"], cfg["dropout"]
         n_prototypes, iterations = cfg["n_prototypes"], cfg["iterations"]
         self.max_frames, self.n_clips, self.max_words = cfg["max_frames"], cfg["n_clips"], cfg["max_words"]

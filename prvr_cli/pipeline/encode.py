@@ -1,4 +1,5 @@
-"""Stage 3: CLIP features with open_clip: per-frame image features, pooled and per-token text features.
+"""Stage 3: CLIP features with open_clip (`FrameTextEncoder`): per-frame image features, pooled and per-token
+text features.
 
 `--clip-model` is an open_clip model name (`ViT-B-32`) or a path to an open_clip
 model config JSON (tests use a tiny one); `--clip-pretrained` is a pretrained
@@ -16,22 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..devices import resolve_device
 from ..errors import UsageError, WeightsError
 
 log = logging.getLogger("prvr")
-
-
-def pick_device(device: str) -> str:
-    """`auto` means cuda when a GPU is visible, else cpu."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise UsageError(f"--device {device!r}: use auto, cpu or cuda")
-    return device
 
 
 def _file_digest(path: Path, limit: int = 1 << 20) -> str:
@@ -110,7 +99,7 @@ def fingerprint(identity: dict) -> str:
     return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class ClipEncoder:
+class FrameTextEncoder:
     """A frozen open_clip model: images -> [N, D] and text -> [N, D] or per-token [L, D]."""
 
     def __init__(self, model, tokenizer, model_name: str, pretrained: str, device: str, identity: dict,
@@ -135,7 +124,7 @@ class ClipEncoder:
         import open_clip
         import torch
 
-        device = pick_device(device)
+        device = resolve_device(device)
         identity, source = describe(model_name, pretrained)
         name, weights = identity["clip_model"], source["clip_pretrained"]
         if model_name.endswith(".json"):

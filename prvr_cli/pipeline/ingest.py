@@ -120,7 +120,7 @@ DECODE_TIMEOUT = 60.0          # seconds a file may spend decoding, plus...
 DECODE_SECONDS_PER_SECOND = 4.0  # ...this many per second of video decoded
 
 
-class _Watch:
+class DecodeWatch:
     """Time one file's decoder has spent working (waits on a full queue excluded), against its allowance.
 
     The allowance is a constant plus a share of each stretch of video about to be
@@ -153,12 +153,12 @@ class _Watch:
         return busy > self.allowance
 
 
-def _decode_worker(job: int, path: Path, fps: float, size: int, out: queue.Queue, stop: threading.Event,
-                   chunk: int, watch: _Watch) -> None:
+def decode_worker(job: int, path: Path, fps: float, size: int, out: queue.Queue, stop: threading.Event,
+                   chunk: int, watch: DecodeWatch) -> None:
     """Push ("info", job, VideoInfo), then ("chunk", job, FrameChunk)..., then ("done", job, None) or ("error", ...)."""
 
     def put(item):
-        if not _try_put(out, item, stop, watch):
+        if not try_put_chunk(out, item, stop, watch):
             raise _Stop
 
     try:
@@ -178,12 +178,12 @@ def _decode_worker(job: int, path: Path, fps: float, size: int, out: queue.Queue
     except _Stop:
         return
     except DecodeError as e:
-        _try_put(out, ("error", job, str(e)), stop, watch)
+        try_put_chunk(out, ("error", job, str(e)), stop, watch)
     except Exception as e:  # any other failure of one file must not stop the run
-        _try_put(out, ("error", job, f"{path}: cannot decode ({type(e).__name__}: {str(e)[:120]})"), stop, watch)
+        try_put_chunk(out, ("error", job, f"{path}: cannot decode ({type(e).__name__}: {str(e)[:120]})"), stop, watch)
 
 
-def _try_put(out: queue.Queue, item, stop: threading.Event, watch: _Watch) -> bool:
+def try_put_chunk(out: queue.Queue, item, stop: threading.Event, watch: DecodeWatch) -> bool:
     """Put `item` unless the run stops or this decoder is abandoned first; True when it was put."""
     while not stop.is_set() and not watch.abandoned:
         try:
@@ -236,7 +236,7 @@ def _encode_all(index, plan, encoder, builder, summary, *, fps, workers, batch_s
     stop = threading.Event()
     remaining = len(jobs)
     chunk = max(8, batch_size // 2)
-    running: dict[int, tuple[threading.Thread, _Watch]] = {}  # decoding threads, at most `workers`
+    running: dict[int, tuple[threading.Thread, DecodeWatch]] = {}  # decoding threads, at most `workers`
     waiting = list(range(len(jobs)))[::-1]
     pending: list[tuple[int, object]] = []
 
@@ -259,8 +259,8 @@ def _encode_all(index, plan, encoder, builder, summary, *, fps, workers, batch_s
             if state.content_hash is None:  # could not even be read for hashing
                 fail(i, f"{state.path}: cannot read ({state.error or 'unreadable'})")
                 continue
-            watch = _Watch(decode_timeout)
-            thread = threading.Thread(target=_decode_worker, name=f"decode-{i}", daemon=True,
+            watch = DecodeWatch(decode_timeout)
+            thread = threading.Thread(target=decode_worker, name=f"decode-{i}", daemon=True,
                                       args=(i, state.path, fps, encoder.image_size, out, stop, chunk, watch))
             running[i] = (thread, watch)
             thread.start()
@@ -351,7 +351,7 @@ def _commit(index: Index, job: _Job, builder, fps: float, summary: Summary) -> N
         summary.changed += 1
 
 
-def reindex(index: Index, builder, progress=None) -> list[dict]:
+def rebuild_rows(index: Index, builder, progress=None) -> list[dict]:
     """Rebuild every video's prototypes from its stored frame features (no decoding, no CLIP).
 
     Returns complete video rows, ready to replace the videos table in one commit.
@@ -368,3 +368,29 @@ def reindex(index: Index, builder, progress=None) -> list[dict]:
         if progress:
             progress.video_done()
     return rows
+
+
+def decode_only(files: list[Path], fps: float, size: int, workers: int, chunk: int, on_chunk=None) -> tuple[int, list]:
+    """Decode `files` with the ingest's own decoder threads and queue, and nothing else (for `prvr bench ingest`).
+
+    Calls `on_chunk(frames)` for every chunk; returns (frames decoded, error messages).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    out: queue.Queue = queue.Queue(maxsize=max(4, 2 * workers))
+    stop = threading.Event()
+    frames, remaining, errors = 0, len(files), []
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="decode") as pool:
+        for i, path in enumerate(files):
+            pool.submit(decode_worker, i, path, fps, size, out, stop, chunk, DecodeWatch(None))
+        while remaining:
+            kind, _, payload = out.get()
+            if kind == "chunk":
+                frames += len(payload.frames)
+                if on_chunk is not None:
+                    on_chunk(payload.frames)
+            elif kind in ("done", "error"):
+                remaining -= 1
+                if kind == "error":
+                    errors.append(payload)
+    return frames, errors

@@ -80,6 +80,10 @@ class ZeroShotPrototypes:
                 "branch_weights": list(self.branch_weights), "fingerprint": f"zero-shot-{self.n_prototypes}"
                 f"-{self.n_clips}-{self.max_frames}-{self.iterations}-{self.temperature}"}
 
+    def output_dim(self, feature_dim: int) -> int:
+        """Prototypes live in CLIP space: their dim is the features'."""
+        return feature_dim
+
     def build(self, features: np.ndarray) -> VideoPrototypes:
         """Frame features [T, D] (L2-normalised CLIP features) -> prototypes of both branches."""
         frames = torch.from_numpy(np.asarray(features, dtype=np.float32))
@@ -150,6 +154,10 @@ class TrainedPrototypes:
         return {"kind": self.kind, "method": cfg["method"], "preset": cfg.get("preset"),
                 "checkpoint": str(self.checkpoint), "n_prototypes": int(cfg["model"].get("n_prototypes", 30)),
                 "branch_weights": list(self.branch_weights), "fingerprint": f"{cfg['method']}-{self.digest}"}
+
+    def output_dim(self, feature_dim: int) -> int:
+        """Prototypes live in the model's joint space."""
+        return int(self.model.output_dim)
 
     @torch.inference_mode()
     def build(self, features: np.ndarray) -> VideoPrototypes:

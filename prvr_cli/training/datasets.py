@@ -446,10 +446,10 @@ def load_index(index_dir: Path, captions_file: Path, seed: int = 0, val_fraction
     train, val = carve_val(caps, seed, val_fraction)
 
     if encoder is None:
-        from ..pipeline.encode import ClipEncoder
+        from ..pipeline.encode import FrameTextEncoder
 
         src = spec.get("source") or spec
-        encoder = ClipEncoder.load(src["clip_model"], src["clip_pretrained"] or "none", device="cpu")
+        encoder = FrameTextEncoder.load(src["clip_model"], src["clip_pretrained"] or "none", device="cpu")
     texts = [t for _, _, t in caps]
     token_list = [a for i in range(0, len(texts), 256) for a in encoder.encode_text_tokens(texts[i:i + 256])]
     tokens = {c: np.asarray(a, dtype=np.float32) for (c, _, _), a in zip(caps, token_list)}

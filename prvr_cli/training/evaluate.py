@@ -19,31 +19,46 @@ from ..nets.retrieval import RetrievalModel
 KS = (1, 5, 10, 100)
 
 
-def _chunks(lengths: torch.Tensor, size: int):
+def length_chunks(lengths: torch.Tensor, size: int) -> list[torch.Tensor]:
     """Index chunks of about `size`, with sequences of similar length together."""
     order = torch.argsort(lengths, stable=True)
     return [order[i:i + size] for i in range(0, len(order), size)]
 
 
 @torch.no_grad()
+def encode_split(model: RetrievalModel, split: Split, device="cpu", video_chunk: int = 256,
+                 query_chunk: int = 1024) -> tuple[list, list]:
+    """Every video and query of `split` encoded in chunks: ([(video indices, VideoEncoding)], [(query indices,
+    QueryEncoding)])."""
+    videos, queries = [], []
+    for idx in length_chunks(split.frames.lengths, video_chunk):
+        frames, mask = split.frames.batch(idx)
+        videos.append((idx, model.encode_videos(frames.to(device), mask.to(device))))
+    for idx in length_chunks(split.tokens.lengths, query_chunk):
+        tokens, mask = split.tokens.batch(idx)
+        queries.append((idx, model.encode_queries(tokens.to(device), mask.to(device))))
+    return videos, queries
+
+
+@torch.no_grad()
+def score_encoded(model: RetrievalModel, videos: list, queries: list, n_queries: int, n_videos: int) -> torch.Tensor:
+    """Similarity [Q, V] (on CPU) of chunked encodings from `encode_split`, placed by their indices."""
+    scores = torch.empty(n_queries, n_videos)
+    v_idx = torch.cat([idx for idx, _ in videos])
+    for q_idx, encoded in queries:
+        block = torch.cat([model.score(encoded, enc) for _, enc in videos], 1).float().cpu()
+        scores[q_idx.unsqueeze(1), v_idx.unsqueeze(0)] = block
+    return scores
+
+
 def score_matrix(model: RetrievalModel, split: Split, device="cpu", video_chunk: int = 256,
                  query_chunk: int = 1024) -> torch.Tensor:
-    """Similarity [Q, V] (on CPU) of every query of `split` with every video of it."""
+    """Similarity [Q, V] (on CPU) of every query of `split` with every video of it, in eval mode."""
     was_training = model.training
     model.eval()
     try:
-        videos = []
-        for idx in _chunks(split.frames.lengths, video_chunk):
-            frames, mask = split.frames.batch(idx)
-            videos.append((idx, model.encode_videos(frames.to(device), mask.to(device))))
-        scores = torch.empty(split.n_queries, split.n_videos)
-        for q_idx in _chunks(split.tokens.lengths, query_chunk):
-            tokens, mask = split.tokens.batch(q_idx)
-            queries = model.encode_queries(tokens.to(device), mask.to(device))
-            block = torch.cat([model.score(queries, enc) for _, enc in videos], 1).float().cpu()
-            v_idx = torch.cat([idx for idx, _ in videos])
-            scores[q_idx.unsqueeze(1), v_idx.unsqueeze(0)] = block
-        return scores
+        videos, queries = encode_split(model, split, device, video_chunk, query_chunk)
+        return score_encoded(model, videos, queries, split.n_queries, split.n_videos)
     finally:
         model.train(was_training)
 

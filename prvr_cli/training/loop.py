@@ -27,22 +27,13 @@ from ..errors import DataError, PrvrError, UsageError
 from .evaluate import evaluate
 from ..nets.factory import TRAIN_DEFAULTS, create_model, merge_config, override, save_checkpoint
 from ..nets.retrieval import TrainBatch
+from ..devices import resolve_device
 
 # Settings that may change when a run is resumed: they only decide when to stop.
 # (Raising max_epochs stretches the remaining linear decay over the new total.)
 STOP_KEYS = ("max_epochs", "patience")
 # Below this many val videos, val recall is too coarse to select an epoch (a warning says so).
 MIN_VAL_VIDEOS = 10
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu or auto")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise UsageError(f"unknown --device {name!r}; use auto, cpu or cuda")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -147,7 +138,7 @@ class Trainer:
                  resume: bool = False, console: Console | None = None):
         self.data, self.out, self.seed = data, Path(out), seed
         self.console = console or Console(stderr=True, soft_wrap=True)
-        self.device = resolve_device(device)
+        self.device = torch.device(resolve_device(device))
         self.last_path, self.best_path = self.out / "last.pt", self.out / "best.pt"
         if "val" not in data.splits:
             raise DataError("the dataset has no val split; training needs one to select the best epoch")

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from prvr_cli.bench import accuracy as bench_accuracy
-from prvr_cli.bench.measure_tmp import matching_flops
+from prvr_cli.bench.common import matching_flops
 from prvr_cli.training.datasets import load_features
 from prvr_cli.errors import DataError
 
-from tests.test_datasets import synthetic, write_h5_dataset
+from tests.helpers import synthetic, write_h5_dataset
 
 SMALL = {
     "protoprvr": {"hidden": 16, "heads": 2, "ff_dim": 16, "n_prototypes": 4, "n_clips": 4, "max_frames": 8},

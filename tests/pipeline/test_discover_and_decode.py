@@ -8,7 +8,7 @@ from prvr_cli.pipeline.decode import decode_frames, probe, resize_dims, sample_t
 from prvr_cli.pipeline.discover import discover
 from prvr_cli.errors import DecodeError, UsageError
 
-from .conftest import PALETTE, SHARED_VIDEOS, make_video
+from tests.helpers import PALETTE, SHARED_VIDEOS, make_video
 
 # seconds per clip, from ../shared/data/videos/README.md
 REAL_DURATIONS = {"mmaction2_basketball.mp4": 10.0, "mmaction2_demo_arm_wrestling.mp4": 10.0,

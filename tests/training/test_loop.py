@@ -19,7 +19,7 @@ from prvr_cli.nets.factory import load_checkpoint
 from prvr_cli.nets.retrieval import QueryEncoding, RetrievalModel, TrainBatch, VideoEncoding
 from prvr_cli.training.loop import epoch_batches, make_schedule, train
 
-from tests.test_datasets import synthetic, write_h5_dataset
+from tests.helpers import synthetic, write_h5_dataset
 
 
 class TinyModel(RetrievalModel):

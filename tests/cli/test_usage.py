@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import as_another_user
+from tests.helpers import as_another_user
 
 PRVR = str(Path(sys.executable).with_name("prvr"))
 

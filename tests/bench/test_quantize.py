@@ -8,7 +8,7 @@ import torch
 from prvr_cli.bench import quantize
 from prvr_cli.errors import UsageError
 from prvr_cli.nets.retrieval import VideoEncoding
-from prvr_cli.index.search import branch_scores
+from prvr_cli.index.search import max_prototype_scores
 
 
 def _vectors(shape, seed=0, scale=1.0):
@@ -54,9 +54,9 @@ def test_int8_scoring_equals_dequantize_then_score(monkeypatch):
     x = _vectors((40, 5, 32), seed=1)
     q = _vectors((6, 32), seed=2)
     v = quantize.quantize_int8(x)
-    ref_best, ref_arg = branch_scores(quantize.dequantize_int8(v), q)
+    ref_best, ref_arg = max_prototype_scores(quantize.dequantize_int8(v), q)
     monkeypatch.setattr(quantize, "BLOCK_ROWS", 15)  # several blocks, one cut inside no video
-    best, arg = quantize.int8_branch_scores(v, q)
+    best, arg = quantize.int8_max_prototype_scores(v, q)
     assert np.allclose(best, ref_best, atol=1e-5)
     assert np.array_equal(arg, ref_arg)
 

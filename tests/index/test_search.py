@@ -4,19 +4,19 @@ from __future__ import annotations
 import numpy as np
 
 from prvr_cli.pipeline.prototypes import ZeroShotPrototypes
-from prvr_cli.index.search import Hit, attach_highlights, branch_scores, highlight_ranges, rank
+from prvr_cli.index.search import Hit, attach_highlights, max_prototype_scores, highlight_ranges, rank
 
 
 def _unit(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def test_branch_scores_match_brute_force(monkeypatch):
+def test_max_prototype_scores_match_brute_force(monkeypatch):
     rng = np.random.default_rng(0)
     protos = _unit(rng.normal(size=(50, 7, 16))).astype(np.float16)
     q = _unit(rng.normal(size=(3, 16))).astype(np.float32)
     monkeypatch.setattr("prvr_cli.index.search.BLOCK_ROWS", 21)  # several blocks
-    best, arg = branch_scores(protos, q)
+    best, arg = max_prototype_scores(protos, q)
     brute = np.einsum("nld,qd->qnl", protos.astype(np.float32), q)
     assert np.allclose(best, brute.max(-1), atol=1e-5) and (arg == brute.argmax(-1)).all()
 

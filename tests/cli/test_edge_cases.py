@@ -8,7 +8,7 @@ import shutil
 
 from prvr_cli.errors import ExitCode
 
-from .conftest import PALETTE, make_video
+from tests.helpers import PALETTE, make_video
 
 
 def test_tabs_and_newlines_in_paths_are_escaped_in_tsv(cli, tmp_path):

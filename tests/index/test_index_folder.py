@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prvr_cli.errors import ExitCode
 
-from .conftest import as_another_user
+from tests.helpers import as_another_user
 
 
 def _checkpoint(path):
@@ -70,7 +70,7 @@ def test_a_read_only_index_can_be_searched(cli, videos, open_dir):
                               capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
                               env={**os.environ, "XDG_CACHE_HOME": str(cache_home), "HOME": str(home),
                                    "XDG_CONFIG_HOME": str(home / "config"),
-                                   "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                                   "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
 
     r = search(home / "cache")
     assert r.returncode == 0, r.stderr

@@ -9,7 +9,7 @@ import pytest
 
 from prvr_cli.errors import ExitCode
 
-from .conftest import PALETTE, TINY_CLIP, make_video
+from tests.helpers import PALETTE, TINY_CLIP, make_video
 
 
 def test_ingest_then_search_json_and_jsonl(cli, videos):
@@ -59,7 +59,7 @@ def test_second_run_encodes_nothing(cli, videos, monkeypatch):
     def no_encoder(*args, **kwargs):
         raise AssertionError("the encoder must not be loaded when nothing changed")
 
-    monkeypatch.setattr("prvr_cli.pipeline.encode.ClipEncoder.load", no_encoder)
+    monkeypatch.setattr("prvr_cli.pipeline.encode.FrameTextEncoder.load", no_encoder)
     code, summary, err = cli.ingest(videos)
     assert code == 0, err
     assert summary["unchanged"] == 4 and summary["new"] == summary["changed"] == summary["frames"] == 0

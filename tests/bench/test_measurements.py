@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from prvr_cli.bench import measure_tmp as bench
-from tests.conftest import PALETTE, TINY_CLIP, make_video
+from prvr_cli.bench import common, latency, storage
+from prvr_cli.bench.ingest import bench_ingest
+from tests.helpers import PALETTE, TINY_CLIP, make_video
 
 
 def test_mssl_kernel_matches_the_model_score():
@@ -23,7 +24,7 @@ def test_mssl_kernel_matches_the_model_score():
         q = model.encode_queries(torch.randn(3, 4, 8), torch.ones(3, 4, dtype=torch.bool))
         ref = model.score(q, enc).numpy()
         keys, values = model.guide_key(enc.frame).numpy(), model.guide_value(enc.frame).numpy()
-    got = bench.mssl_scores(enc.clip.numpy(), keys, values, q.clip.numpy())
+    got = latency.mssl_scores(enc.clip.numpy(), keys, values, q.clip.numpy())
     assert np.allclose(got, ref, atol=1e-5)
 
 
@@ -39,12 +40,12 @@ def test_gmmformer_kernel_matches_the_model_score():
         ref = model.score(q, enc).numpy()
     norm = lambda t: torch.nn.functional.normalize(t, dim=-1).numpy()  # noqa: E731
     qn = norm(q.clip)
-    got = bench.two_branch_scores(norm(enc.clip), norm(enc.frame), qn)
+    got = latency.two_branch_scores(norm(enc.clip), norm(enc.frame), qn)
     assert np.allclose(got, ref, atol=1e-5)
 
 
 def test_bench_search_tiny_is_well_formed(tmp_path):
-    res = bench.bench_search([8, 20], list(bench.METHODS), n_queries=3, repeats=2, lancedb=True, frames=5,
+    res = latency.bench_search([8, 20], list(common.METHODS), n_queries=3, repeats=2, lancedb=True, frames=5,
                              mem_gib=10 * 420_000 / (1 << 30), cell_budget_s=5.0)
     cells = res["cells"]
     # per method and size: 1 query and a batch; ProtoPRVR also its clip branch alone and LanceDB
@@ -60,22 +61,22 @@ def test_bench_search_tiny_is_well_formed(tmp_path):
     assert res["bytes_per_video"]["mssl"]["model_vectors"] == 528 + 5
     assert {r["what"] for r in res["ratios"]} >= {"mssl / protoprvr", "gmmformer / protoprvr"}
     json.dumps(res)
-    png = bench.plot_search(res, tmp_path / "img" / "latency.png")
+    png = latency.plot_search(res, tmp_path / "img" / "latency.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_streamed_scores_equal_resident_scores():
     rng = np.random.default_rng(0)
-    store = bench.synthetic_store("gmmformer", 4, rng)
-    q = bench.random_unit((2, bench.DIM), rng, np.float32)
+    store = latency.synthetic_store("gmmformer", 4, rng)
+    q = common.random_unit((2, common.DIM), rng, np.float32)
     full = {k: np.concatenate([v, v, v[:1]]) for k, v in store.items()}  # 9 videos = 2 passes of 4 + 1
-    top_streamed = bench.search_once("gmmformer", store, q, 9)
-    exact = bench.two_branch_scores(full["clip"], full["frame"], q)
-    assert np.allclose(np.take_along_axis(exact, top_streamed, 1), -np.sort(-exact, 1)[:, :bench.TOP_K])
+    top_streamed = latency.search_once("gmmformer", store, q, 9)
+    exact = latency.two_branch_scores(full["clip"], full["frame"], q)
+    assert np.allclose(np.take_along_axis(exact, top_streamed, 1), -np.sort(-exact, 1)[:, :common.TOP_K])
 
 
 def test_storage_synthetic_is_well_formed():
-    res = bench.bench_storage_synthetic(n_videos=50, n_queries=8)
+    res = storage.bench_storage_synthetic(n_videos=50, n_queries=8)
     b = res["bytes_per_video"]
     assert b["protoprvr"] == {"float32": 60 * 1536, "float16": 60 * 768, "int8": 60 * 388}
     eff = res["synthetic_protoprvr"]["effect"]
@@ -88,7 +89,7 @@ def test_bench_ingest_on_two_tiny_videos(tmp_path):
     root = tmp_path / "videos"
     make_video(root / "a.mp4", [PALETTE[0], PALETTE[1]])
     make_video(root / "b.mp4", [PALETTE[2]])
-    res = bench.bench_ingest(root, TINY_CLIP, "none", "cpu", fps=3.0, workers=2, batch_size=4, profile=True)
+    res = bench_ingest(root, TINY_CLIP, "none", "cpu", fps=3.0, workers=2, batch_size=4, profile=True)
     assert res["files"] == 2 and res["failed"] == 0 and res["frames"] == 9
     assert res["decode"]["frames"] == res["encoder"]["frames"] == res["full_ingest"]["frames"] == 9
     for stage in ("decode", "encoder", "full_ingest"):
@@ -115,7 +116,7 @@ def test_cli_bench_commands(cli, tmp_path):
 @pytest.mark.parametrize("method", ["protoprvr", "mssl"])
 def test_storage_on_a_checkpoint_reports_sumr_per_type(tmp_path, method):
     from prvr_cli.nets.factory import create_model, load_config, save_checkpoint
-    from tests.test_datasets import TEXT_DIM, VIDEO_DIM, write_h5_dataset
+    from tests.helpers import TEXT_DIM, VIDEO_DIM, write_h5_dataset
 
     write_h5_dataset(tmp_path / "data")
     small = {"protoprvr": {"hidden": 16, "heads": 2, "n_prototypes": 4, "n_clips": 4, "max_frames": 8},
@@ -125,7 +126,7 @@ def test_storage_on_a_checkpoint_reports_sumr_per_type(tmp_path, method):
     torch.manual_seed(0)
     model = create_model(config, video_dim=VIDEO_DIM, text_dim=TEXT_DIM)
     save_checkpoint(tmp_path / "m.pt", model, feature_source={})
-    res = bench.bench_storage_real(str(tmp_path / "m.pt"), str(tmp_path / "data"), "toy", "cg", "test")
+    res = storage.bench_storage_real(str(tmp_path / "m.pt"), str(tmp_path / "data"), "toy", "cg", "test")
     assert res["method"] == method and res["n_videos"] == 6
     kinds = res["kinds"]
     assert set(kinds) == {"float32", "float16", "int8"}

@@ -21,7 +21,7 @@ import pytest
 
 from prvr_cli.errors import ExitCode
 
-from .conftest import PALETTE, make_video
+from tests.helpers import PALETTE, make_video
 
 
 def no_traceback(err: str) -> None:

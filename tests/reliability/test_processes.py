@@ -3,7 +3,7 @@
 Every `prvr ingest` here is a real process killed with a real signal. Starting
 Python with torch and open_clip takes 5-15 s on a busy 2-core machine, so most
 of them are forked from a small server that imported those once (a "zygote");
-each child then runs `prvr_cli.cli.commands_tmp.main(argv)`, exactly what `prvr ingest` runs.
+each child then runs `prvr_cli.cli.main(argv)`, exactly what `prvr ingest` runs.
 One test also kills a `python -m prvr_cli ingest` started from scratch.
 """
 from __future__ import annotations
@@ -22,15 +22,15 @@ import pytest
 
 from prvr_cli.errors import ExitCode
 
-from .conftest import PALETTE, TINY_CLIP, make_video
+from tests.helpers import PALETTE, TINY_CLIP, make_video
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 SERVER = r'''
 import json, os, signal, sys, traceback
 sys.path.insert(0, sys.argv[1])
 import numpy, torch, open_clip, decord, pyarrow, lancedb  # noqa: F401  (the slow imports, done once)
-import prvr_cli.cli.commands_tmp  # noqa: F401
+import prvr_cli.cli  # noqa: F401
 
 
 def crash_hook(spec):
@@ -43,7 +43,7 @@ def crash_hook(spec):
                "delete": (lancedb.table.LanceTable, "delete"), "update": (lancedb.table.LanceTable, "update"),
                "create": (lancedb.db.LanceDBConnection, "create_table"),
                "optimize": (lancedb.table.LanceTable, "optimize"),
-               "encode": (prvr_cli.pipeline.encode.ClipEncoder, "encode_images"), "decode": (decord.VideoReader, "get_batch")}
+               "encode": (prvr_cli.pipeline.encode.FrameTextEncoder, "encode_images"), "decode": (decord.VideoReader, "get_batch")}
     owner, name = targets[spec["target"]]
     real = getattr(owner, name)
     count = [0]
@@ -88,7 +88,7 @@ for line in sys.stdin:
                         return real_merge(*args, **kwargs)
 
                     lancedb.table.LanceTable._do_merge = slow_merge
-                from prvr_cli.cli.commands_tmp import main
+                from prvr_cli.cli import main
                 code = main(req["argv"])
                 sys.stdout.flush()
                 sys.stderr.flush()
@@ -232,11 +232,11 @@ def warm_up() -> None:
     """Load the tiny CLIP in this process once, so in-test searches are quick."""
     import warnings
 
-    from prvr_cli.pipeline.encode import ClipEncoder
+    from prvr_cli.pipeline.encode import FrameTextEncoder
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "random weights": expected here
-        ClipEncoder.load(TINY_CLIP, "none", "cpu")
+        FrameTextEncoder.load(TINY_CLIP, "none", "cpu")
 
 
 def wait_for(condition, timeout=60.0, every=0.02):

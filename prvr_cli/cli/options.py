@@ -1,0 +1,33 @@
+"""Options shared by several commands, and opening the library they act on."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .. import settings
+from ..library import Library
+
+IndexOpt = typer.Option(None, "--index", help="Index folder [env PRVR_INDEX; default $XDG_DATA_HOME/prvr/index].")
+DeviceOpt = typer.Option(None, "--device", help="auto, cpu or cuda [env PRVR_DEVICE; default auto].")
+ClipModelOpt = typer.Option(None, "--clip-model", help="open_clip model name or model-config .json "
+                            "[env PRVR_CLIP_MODEL; default: the index's, else ViT-B-32].")
+ClipPretrainedOpt = typer.Option(None, "--clip-pretrained", help="Pretrained tag, local checkpoint file, or none "
+                                 "[env PRVR_CLIP_PRETRAINED; default: the index's, else openai].")
+ModelOpt = typer.Option(None, "--model", help="Checkpoint from `prvr train` [env PRVR_MODEL; default: the index's, "
+                        "else zero-shot CLIP prototypes].")
+JsonOpt = typer.Option(False, "--json", help="As JSON on stdout.")
+
+
+def open_library(index: Optional[Path], device: Optional[str] = None) -> Library:
+    """The library at --index (or PRVR_INDEX, the config file, the XDG default), with the user's cache folder."""
+    root = Path(settings.resolve("index", str(index) if index else None)).expanduser()
+    return Library.open(root, cache=settings.cache_home(), device=settings.resolve("device", device))
+
+
+def encoder_choice(clip_model: Optional[str], clip_pretrained: Optional[str], model: Optional[str]) -> dict:
+    """The encoder and model a command was asked for (flag, PRVR_*, config file); None: the index's own."""
+    return {"clip_model": settings.given("clip_model", clip_model),
+            "clip_pretrained": settings.given("clip_pretrained", clip_pretrained),
+            "model": settings.given("model", model)}

@@ -1,0 +1,91 @@
+"""`prvr search`: rank indexed videos for a query (or a batch of queries from stdin), with highlights."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .. import settings
+from ..errors import ExitCode, PrvrError, UsageError
+from .options import (ClipModelOpt, ClipPretrainedOpt, DeviceOpt, IndexOpt, ModelOpt, encoder_choice,
+                      open_library)
+from .output import print_search, stderr
+
+MAX_QUERY_CHARS = 2000
+
+
+def search(
+    query: str = typer.Argument(..., metavar="QUERY",
+                                help="What happens in the moment you look for; - reads one query per line from stdin."),
+    index: Optional[Path] = IndexOpt,
+    top_k: Optional[int] = typer.Option(None, "-k", "--top-k", help="Number of videos to return [default 10]."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+    as_jsonl: bool = typer.Option(False, "--jsonl", help="One JSON object per hit (with its query) per line."),
+    paths_only: bool = typer.Option(False, "--paths-only", help="Only the video paths, best first."),
+    nul: bool = typer.Option(False, "-0", "--null", help="With --paths-only: separate paths with NUL, not newline."),
+    clip_model: Optional[str] = ClipModelOpt,
+    clip_pretrained: Optional[str] = ClipPretrainedOpt,
+    model: Optional[str] = ModelOpt,
+    device: Optional[str] = DeviceOpt,
+    keep_duplicates: bool = typer.Option(False, "--keep-duplicates", help="List identical copies of a file as "
+                                         "separate hits (by default they are one hit, with the others as copies)."),
+):
+    """Rank indexed videos for a query, with the time ranges that match it."""
+    fmt = _format(as_json, as_jsonl, paths_only, nul)
+    k = settings.resolve("top_k", top_k, int)
+    if not 1 <= k <= 10000:
+        raise UsageError(f"-k {k}: ask for between 1 and 10000 results")
+    queries, refused = _read_queries(query)
+    results = open_library(index, device).search(queries, k, keep_duplicates=keep_duplicates,
+                                                 **encoder_choice(clip_model, clip_pretrained, model))
+    for q, cut in results.cut_tokens.items():
+        stderr.print(f"prvr: warning: query {q[:40]!r}... is longer than the text encoder reads: its last {cut} "
+                     "tokens are ignored; describe one moment", markup=False, soft_wrap=True)
+    print_search(list(zip(results.queries, results.hits)), fmt, nul)
+    if refused:
+        raise PrvrError(f"{refused} stdin line(s) were not answered (see above)", ExitCode.USAGE)
+
+
+def _format(as_json: bool, as_jsonl: bool, paths_only: bool, nul: bool) -> str:
+    """The output format asked for: json, jsonl, paths, or table on a terminal and tsv in a pipe."""
+    if sum([as_json, as_jsonl, paths_only]) > 1:
+        raise UsageError("choose one of --json, --jsonl and --paths-only")
+    if nul and not paths_only:
+        raise UsageError("-0/--null goes with --paths-only")
+    return "json" if as_json else "jsonl" if as_jsonl else "paths" if paths_only else \
+        "table" if sys.stdout.isatty() else "tsv"
+
+
+def _read_queries(query: str) -> tuple[list[str], int]:
+    """The queries to answer, and how many stdin lines were refused (each reported with its line number)."""
+    if query != "-":
+        problem = _query_problem(query)
+        if problem:
+            raise UsageError(problem + ("; describe the moment you are looking for, e.g. prvr search \"a dog "
+                                        "catches a frisbee\"" if not query.strip() else ""))
+        return [query.strip()], 0
+    if sys.stdin.isatty():
+        stderr.print("reading queries from stdin, one per line (Ctrl-D to finish)")
+    queries, refused = [], 0
+    for n, line in enumerate(sys.stdin, 1):
+        if not line.strip():
+            continue  # blank lines separate queries
+        problem = _query_problem(line.rstrip("\n"))
+        if problem:
+            stderr.print(f"prvr: error: stdin line {n}: {problem}; skipped", markup=False, soft_wrap=True)
+            refused += 1
+        else:
+            queries.append(line.strip())
+    if not queries:
+        raise UsageError("no queries on stdin; give one query per line")
+    return queries, refused
+
+
+def _query_problem(query: str) -> str | None:
+    if not query.strip():
+        return "empty query"
+    if len(query) > MAX_QUERY_CHARS:
+        return f"query of {len(query)} characters is too long (at most {MAX_QUERY_CHARS}); describe one moment"
+    return None

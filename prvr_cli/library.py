@@ -1,0 +1,219 @@
+"""The library: one video index with its encoder and prototype model, and what can be done with it.
+
+`Library.open(path)` gives ingest, search, reindex, list, info and compact. The command line,
+the benchmarks and a server all call this; it runs the pipeline stages
+(discover -> decode -> encode -> prototypes -> store) and the index (store, search).
+It takes settings already resolved (flag > PRVR_* > config file): a value of None means
+"what the index was built with, else the default".
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import IndexMissingError, MismatchError, UsageError
+from .index.search import Hit, attach_highlights, rank
+from .index.store import Index, describe_builder
+from .pipeline.discover import Discovered, discover
+from .devices import resolve_device
+from .pipeline.encode import FrameTextEncoder, describe, fingerprint
+from .pipeline.ingest import DECODE_TIMEOUT, Summary, make_plan, rebuild_rows, run_ingest
+
+DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED = "ViT-B-32", "openai"
+ZERO_SHOT = "zero-shot"
+
+
+@dataclass
+class IngestReport:
+    """What an ingest found and did (summary is None when nothing was found to do)."""
+
+    found: Discovered
+    summary: Summary | None = None
+    index: Path | None = None
+
+    @property
+    def complete(self) -> bool:
+        """No input failed or was skipped, and there was something to ingest."""
+        return bool(self.found.files) and not self.found.skipped and not (self.summary and self.summary.failed)
+
+
+@dataclass
+class SearchResults:
+    """Hits per query, best first, and how many tokens of each overlong query the text encoder ignored."""
+
+    queries: list[str]
+    hits: list[list[Hit]]
+    cut_tokens: dict[str, int] = field(default_factory=dict)
+
+
+class Library:
+    """An index folder and the user's cache folder (CLIP weights; search matrices of read-only indexes)."""
+
+    def __init__(self, root: Path, cache: Path, device: str = "auto"):
+        self.root, self.cache, self.device = Path(root).expanduser().resolve(), Path(cache), device
+
+    @classmethod
+    def open(cls, root: str | Path, cache: str | Path, device: str = "auto") -> "Library":
+        return cls(Path(root), Path(cache), device)
+
+    def index(self, create: bool = False) -> Index:
+        return Index.open(self.root, create=create, cache_dir=self.cache / "indexes")
+
+    def filled_index(self) -> Index:
+        """The index, which must hold videos."""
+        idx = self.index()
+        if idx.encoder_spec is None or idx.count() == 0:
+            raise IndexMissingError(f"index {idx.root} is empty; add videos with `prvr ingest PATH`")
+        return idx
+
+    # ----- ingest and reindex --------------------------------------------------------------
+
+    def ingest(self, paths: list[Path], *, glob: str | None = None, fps: float = 3.0, workers: int = 2,
+               batch_size: int = 64, prune: bool = False, decode_timeout: float | None = None,
+               clip_model: str | None = None, clip_pretrained: str | None = None, model: str | None = None,
+               wait=None, progress=None) -> IngestReport:
+        """Index the videos under `paths`; `wait(root, pid)` waits for another writer instead of failing."""
+        found = discover(paths, glob)
+        if not found.files and not prune:
+            return IngestReport(found)  # nothing to do: no index is made, no encoder loaded
+        idx = self.index(create=True)
+        with idx.lock(wait=wait):
+            encoder_source = self._encoder_source(idx, clip_model, clip_pretrained, default_weights=True)
+            model = model if model is not None else idx.recorded_model()
+            device = resolve_device(self.device)
+            idx.repair()
+            plan = make_plan(found.files, idx.file_states(), prune, workers)
+            encoder = None
+            if plan.encode or not idx.encoder_spec:
+                encoder = FrameTextEncoder.load(*encoder_source, device, cache_dir=str(self.cache / "clip"))
+            enc_spec = encoder.spec() if encoder else idx.encoder_spec
+            self._check_encoder(idx, enc_spec)
+            builder = self._builder(model, enc_spec, device)
+            self._check_builder(idx, builder.spec())
+            if idx.encoder_spec is None:
+                idx.bind(enc_spec, builder.spec(), builder.output_dim(enc_spec["dim"]))
+            idx.keep_model_copy(builder.spec())
+            if progress is not None:
+                progress.begin(len(plan.encode))
+            summary = run_ingest(idx, plan, encoder, builder, fps=fps, workers=workers, batch_size=batch_size,
+                                 progress=progress, decode_timeout=DECODE_TIMEOUT if decode_timeout is None
+                                 else decode_timeout)
+            if summary.new or summary.changed or summary.moved or summary.pruned:
+                idx.optimize()
+        return IngestReport(found, summary, idx.root)
+
+    def reindex(self, model: str, progress=None) -> dict:
+        """Rebuild every video's prototypes with `model` (a checkpoint or zero-shot) from stored frame features."""
+        idx = self.filled_index()
+        with idx.lock():
+            builder = self._builder(model, idx.encoder_spec, resolve_device(self.device))
+            if progress is not None:
+                progress.begin(idx.count())
+            rows = rebuild_rows(idx, builder, progress)
+            idx.rebind_builder(builder.spec(), builder.output_dim(idx.encoder_spec["dim"]))
+            idx.recreate_videos_table(rows)
+            idx.optimize()
+        return {"videos": len(rows), "builder": builder.spec()["fingerprint"]}
+
+    # ----- search --------------------------------------------------------------------------
+
+    def search(self, queries: list[str], k: int = 10, *, keep_duplicates: bool = False,
+               clip_model: str | None = None, clip_pretrained: str | None = None,
+               model: str | None = None) -> SearchResults:
+        """The k best videos for each query, with highlights; identical copies are one hit unless kept apart."""
+        idx = self.filled_index()
+        source = self._encoder_source(idx, clip_model, clip_pretrained, default_weights=False)
+        for value, flag in zip(source, ("--clip-model", "--clip-pretrained")):
+            if value != "none" and (value.endswith(".json") or os.path.isabs(value)) and not os.path.exists(value):
+                raise UsageError(f"index {idx.root} was built with the local CLIP file {value}, which is gone; pass "
+                                 f"{flag} PATH with its new place")
+        encoder = FrameTextEncoder.load(*source, self.device, cache_dir=str(self.cache / "clip"))
+        builder = self._builder(model or idx.recorded_model(), encoder.spec(), encoder.device)
+        self._check_builder(idx, builder.spec(), hint="search without --model or run `prvr reindex --model`")
+        m = idx.search_matrices()
+        q_clip, q_frame = builder.encode_queries(encoder, queries)
+        weights = tuple(idx.builder_spec["branch_weights"])
+        ranked = rank(m.paths, m.clip, m.frame, q_clip, q_frame, weights, k,
+                      hashes=None if keep_duplicates else m.hashes)
+        rows = idx.rows(sorted({h.path for hits in ranked for h in hits}),
+                        ["timestamps", "attn_clip", "attn_frame", "duration", "fps"])
+        for hits in ranked:
+            attach_highlights(hits, rows, weights)
+        cut = {q: n for q in queries if (n := encoder.cut_tokens(q))}
+        return SearchResults(queries, ranked, cut)
+
+    # ----- what is there -------------------------------------------------------------------
+
+    def videos(self) -> list[dict]:
+        """One record per indexed video, by path."""
+        table = self.index().videos
+        if table is None:
+            return []
+        columns = ["path", "duration", "n_frames", "size", "ingested_at"]
+        return sorted(table.to_arrow().select(columns).to_pylist(), key=lambda r: r["path"])
+
+    def info(self) -> dict:
+        """Where the index is, what built it, its size and table versions (its tables are read through first)."""
+        idx = self.index()
+        idx.verify()
+        return {"index": str(idx.root), "format": idx.meta["format"], "videos": idx.count(),
+                "disk_bytes": disk_usage(idx.root), "encoder": idx.encoder_spec or {},
+                "builder": idx.builder_spec or {}, "table_versions": idx.versions()}
+
+    def compact(self) -> tuple[int, int]:
+        """Merge small table files and drop every old table version; returns the folder's bytes before and after."""
+        idx = self.index()
+        before = disk_usage(idx.root)
+        with idx.lock():
+            idx.optimize(grace=0)
+        return before, disk_usage(idx.root)
+
+    # ----- identity ------------------------------------------------------------------------
+
+    @staticmethod
+    def _encoder_source(idx: Index, clip_model: str | None, clip_pretrained: str | None,
+                        default_weights: bool) -> tuple[str, str]:
+        """(model, weights) to load: given values, else the index's, else the defaults; checked against the index."""
+        recorded = idx.encoder_spec["source"] if idx.encoder_spec else {}
+        name = clip_model or recorded.get("clip_model") or DEFAULT_CLIP_MODEL
+        weights = clip_pretrained or (recorded.get("clip_pretrained") or "none" if recorded else
+                                      DEFAULT_CLIP_PRETRAINED if default_weights else "none")
+        if idx.encoder_spec and (clip_model or clip_pretrained):
+            identity, _ = describe(name, weights)
+            Library._check_encoder(idx, {**identity, "fingerprint": fingerprint(identity)})
+        return name, weights
+
+    @staticmethod
+    def _check_encoder(idx: Index, spec: dict) -> None:
+        old = idx.encoder_spec
+        if old is not None and old["fingerprint"] != spec["fingerprint"]:
+            raise MismatchError(f"index {idx.root} holds features of CLIP {old['clip_model']}/{old['clip_pretrained']}, "
+                                f"not {spec['clip_model']}/{spec['clip_pretrained']}; use the same --clip-model/"
+                                "--clip-pretrained or another --index")
+
+    @staticmethod
+    def _check_builder(idx: Index, spec: dict, hint: str = "pass the same --model, or rebuild them with "
+                                                            "`prvr reindex --model CKPT`") -> None:
+        old = idx.builder_spec
+        if old is not None and old["fingerprint"] != spec["fingerprint"]:
+            raise MismatchError(f"index {idx.root} holds prototypes from {describe_builder(old)}, not "
+                                f"{describe_builder(spec)}; {hint}")
+
+    @staticmethod
+    def _builder(model: str | None, encoder_spec: dict, device: str):
+        """The prototype builder: a trained ProtoPRVR checkpoint, or zero-shot CLIP prototypes."""
+        from .pipeline.prototypes import TrainedPrototypes, ZeroShotPrototypes
+
+        if not model or model == ZERO_SHOT:
+            return ZeroShotPrototypes()
+        builder = TrainedPrototypes.load(model, encoder_spec, device=device)
+        if builder.meta["method"] != "protoprvr":
+            raise UsageError(f"--model {model}: an index stores prototypes, so it needs a ProtoPRVR checkpoint, "
+                             f"not {builder.meta['method']}")
+        return builder
+
+
+def disk_usage(root: Path) -> int:
+    """Bytes of all files under `root`."""
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())

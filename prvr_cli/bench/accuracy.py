@@ -26,8 +26,9 @@ from . import quantize
 from .common import load_average, matching_flops
 from .storage import storage_metrics
 from ..errors import UsageError
-from ..nets.factory import load_checkpoint, load_config, override
-from ..training.loop import STOP_KEYS, train, train_settings
+from ..nets.config import STOP_KEYS
+from ..nets.factory import canonical, load_checkpoint, load_config, override
+from ..training.loop import train
 
 AUX_LOSSES = ("crecon", "urecon", "attn", "ortho")   # added in this order in the ablation
 TABLES = ("methods", "ablation", "prototypes")
@@ -45,8 +46,8 @@ class Variant:
 
 
 def full_config(config: dict) -> dict:
-    """The config as `prvr train` records it (train settings completed with their defaults)."""
-    return {**config, "train": train_settings(config)}
+    """The config as `prvr train` records it (every section complete, today's key names)."""
+    return canonical(config)
 
 
 def plan_variants(presets: list[str], ablation_preset: str, prototype_counts: list[int], tables: list[str],
@@ -88,8 +89,8 @@ def plan_variants(presets: list[str], ablation_preset: str, prototype_counts: li
 
 
 def _comparable(config: dict) -> dict:
-    """A config without the keys that only decide when to stop (they may differ in a resumed run)."""
-    cfg = json.loads(json.dumps(config))
+    """A config in today's names, without the keys that only decide when to stop (they may differ in a resumed run)."""
+    cfg = json.loads(json.dumps(canonical(config)))
     for key in STOP_KEYS:
         cfg.get("train", {}).pop(key, None)
     return cfg
@@ -110,7 +111,7 @@ def train_or_reuse(variant: Variant, data, runs: Path, device: str, seed: int, c
         except (OSError, json.JSONDecodeError) as e:
             raise UsageError(f"{metrics_path} is unreadable ({e}); move the folder away or use another --runs") from e
         same_data = all(done.get("data", {}).get(k) == data.source.get(k) for k in SOURCE_KEYS)
-        if _comparable(done.get("config", {})) != _comparable(variant.config) or done.get("seed") != seed \
+        if _comparable(done["config"]) != _comparable(variant.config) or done.get("seed") != seed \
                 or not same_data:
             raise UsageError(f"{out} holds a run with other settings (config, seed or data); "
                              "use another --runs folder or move that run away")
@@ -129,7 +130,7 @@ def measure(variant: Variant, summary: dict, data, device: str) -> dict:
     model, meta = load_checkpoint(summary["checkpoints"]["best"], map_location=device)
     kinds = storage_metrics(model, data.splits["test"], device)
     main = kinds[DEFAULT_STORAGE]
-    dim = model.config["model"].get("hidden", model.config["model"].get("hidden_size", 384))
+    dim = model.output_dim
     return {
         "name": variant.name, "method": meta["method"], "rows": [list(r) for r in variant.rows],
         "config": variant.config, "metrics": main["metrics"], "storage": kinds,

@@ -10,18 +10,18 @@ import time
 
 import numpy as np
 
-from ..nets.gmmformer import GMMFormer
-from ..nets.mssl import MSSL
-from ..nets.protoprvr import ProtoPRVR
+from ..nets.gmmformer import GMMFormerConfig
+from ..nets.mssl import MSSLConfig
+from ..nets.protoprvr import ProtoPRVRConfig
 from . import quantize
 
-DIM = ProtoPRVR.DEFAULTS["hidden"]                 # every method's default joint space (384)
-N_PROTOTYPES = ProtoPRVR.DEFAULTS["n_prototypes"]  # per branch (30)
-N_CLIPS = MSSL.DEFAULTS["n_clips"]                 # clip tokens of the baselines (32)
+PROTOPRVR, MSSL, GMMFORMER = ProtoPRVRConfig(), MSSLConfig(), GMMFormerConfig()
+DIM = PROTOPRVR.hidden_size                 # every method's default joint space (384)
+N_PROTOTYPES = PROTOPRVR.n_prototypes       # per branch (30)
+N_CLIPS = MSSL.n_clips                      # clip tokens of the baselines (32)
 METHODS = ("protoprvr", "mssl", "gmmformer")
-WEIGHTS = (ProtoPRVR.DEFAULTS["clip_weight"], ProtoPRVR.DEFAULTS["frame_weight"])  # all three methods' defaults
-assert WEIGHTS == (MSSL.DEFAULTS["clip_weight"], MSSL.DEFAULTS["frame_weight"]) == \
-    (GMMFormer.DEFAULTS["clip_weight"], GMMFormer.DEFAULTS["frame_weight"])
+WEIGHTS = (PROTOPRVR.clip_weight, PROTOPRVR.frame_weight)  # the three methods' defaults agree
+assert WEIGHTS == (MSSL.clip_weight, MSSL.frame_weight) == (GMMFORMER.clip_weight, GMMFORMER.frame_weight)
 TOP_K = 10
 
 

@@ -51,7 +51,7 @@ def mssl_scores(spans: np.ndarray, keys: np.ndarray, values: np.ndarray, queries
     """MS-SL's score [Q, N] on stored spans [N, P, D], frame keys/values [N, F, D] (guide maps applied).
 
     clip = max_p cos(q, span_p) (spans are unit vectors); key = argmax; frame =
-    cos(q, softmax(span_key . keys) @ values). Equals mssl.MSSL.branch_scores with
+    cos(q, softmax(span_key . keys) @ values). Equals MSSL.branch_scores (prvr_cli.nets.mssl) with
     keys = guide_key(tokens), values = guide_value(tokens), for unit-norm proposals.
     """
     import torch

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from ..errors import UsageError
-from ..nets.factory import check_config, load_config, override
+from ..nets.factory import canonical, load_config, override
 
 
 def parse_sets(pairs: list[str]) -> dict:
@@ -69,7 +69,7 @@ def train_command(
                 raise UsageError(f"{flag} must be positive, got {value}")
             overrides[key] = value
     config = override(load_config(preset), overrides)
-    check_config(config)
+    canonical(config)  # an unknown key is refused here, before any data is loaded
     if train_videos is not None and train_videos < 2:
         raise UsageError(f"--train-videos {train_videos}: use at least 2 videos (or leave it out for all)")
 

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from ..errors import CorruptError, UsageError
+from .config import TrainConfig
 
 # method name -> "module:Class" (imported lazily: only the chosen method is loaded)
 METHODS = {
@@ -26,37 +27,24 @@ METHODS = {
 
 CHECKPOINT_FORMAT = 1
 
-# The optimiser and schedule of `prvr train`; a config's "train" section overrides these.
-TRAIN_DEFAULTS = {"optimizer": "adamw", "lr": 2.5e-4, "weight_decay": 0.01, "warmup": 0.01, "schedule": "linear",
-                  "batch_videos": 128, "max_epochs": 100, "patience": 10, "grad_clip": 1.0}
 SECTIONS = ("method", "preset", "model", "train")
 
 
-def merge_config(defaults: dict, cfg: dict | None, where: str) -> dict:
-    """`defaults` overridden by `cfg`, one level of nested sections deep; an unknown key is a usage error.
+def canonical(config: dict) -> dict:
+    """The config with every section complete and in today's names; refuses an unknown section or key.
 
-    A typo (`n_protoypes`) would otherwise train the default model silently.
+    Checked before any data is loaded, so a typo never trains a default model. Checkpoints store
+    this form, so an older checkpoint's config reads the same as a new one's.
     """
-    cfg = dict(cfg or {})
-    unknown = sorted(set(cfg) - set(defaults))
-    if unknown:
-        raise UsageError(f"unknown {where} setting(s): {', '.join(unknown)}; known: {', '.join(sorted(defaults))}")
-    merged = {**defaults, **cfg}
-    for key, value in defaults.items():
-        if isinstance(value, dict):
-            if not isinstance(cfg.get(key, {}), dict):
-                raise UsageError(f"{where}.{key} must be a table of settings ({', '.join(sorted(value))})")
-            merged[key] = merge_config(value, cfg.get(key), f"{where}.{key}")
-    return merged
-
-
-def check_config(config: dict) -> None:
-    """Refuse a config with an unknown section or key, before any data is loaded."""
     unknown = sorted(set(config) - set(SECTIONS))
     if unknown:
         raise UsageError(f"unknown config section(s): {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
-    merge_config(model_class(config["method"]).DEFAULTS, config.get("model"), f"{config['method']} model")
-    merge_config(TRAIN_DEFAULTS, config.get("train"), "train")
+    method = config.get("method")
+    if method not in METHODS:
+        raise UsageError(f"config names method {method!r}; known methods: {', '.join(METHODS)}")
+    model = model_class(method).Config.from_dict(config.get("model"), f"{method} model")
+    train = TrainConfig.from_dict(config.get("train"), "train")
+    return {**config, "model": model.as_dict(), "train": train.as_dict()}
 
 
 def zoo_dirs() -> list[Path]:
@@ -110,10 +98,12 @@ def model_class(method: str):
 
 
 def create_model(config: dict | str, video_dim: int, text_dim: int):
-    """Instantiate the method named by `config` for the given feature dims."""
+    """Instantiate the method named by `config` (a preset name or a config dict) for the given feature dims."""
     if not isinstance(config, dict):
         config = load_config(config)
-    model = model_class(config["method"])(video_dim=video_dim, text_dim=text_dim, cfg=config["model"])
+    config = canonical(config)
+    cls = model_class(config["method"])
+    model = cls(video_dim=video_dim, text_dim=text_dim, cfg=config["model"])
     model.config = config
     return model
 
@@ -163,4 +153,5 @@ def load_checkpoint(path: str | Path, map_location="cpu"):
         raise CorruptError(f"checkpoint {path} does not match its own config: {str(e).splitlines()[0]}") from e
     model.eval()
     meta = {k: v for k, v in payload.items() if k not in ("state_dict", "optimizer")}
+    meta["config"] = model.config  # complete, in today's key names
     return model, meta

@@ -17,14 +17,14 @@ a video encodes the same whatever batch it is in (identical for the clip branch)
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import layers
-from .factory import merge_config
-from .mssl import (PositionalEncoding, QueryEncoder, SelfAttentionLayer, dot_and_cosine, init_weights, l2_rows,
-                   video_chunk_size)
+from .mssl import MSSLConfig, QueryEncoder, SelfAttentionLayer, dot_and_cosine, init_weights, l2_rows, video_chunk_size
 from .retrieval import QueryEncoding, TrainBatch, VideoEncoding, WeightedBranchModel
 from .retrieval_losses import infonce_loss, query_diverse_loss, triplet_loss
 
@@ -60,40 +60,46 @@ class GaussianMixtureBlock(nn.Module):
         return torch.stack(outs, 0).mean(0)
 
 
+@dataclass(frozen=True)
+class GMMFormerConfig(MSSLConfig):
+    """GMMFormer's model section (models/gmmformer_*.json), with the authors' defaults."""
+
+    input_dropout: float = 0.2
+    dropout: float = 0.2
+    gauss_widths: list = field(default_factory=lambda: [0.5, 1.0, 5.0])   # one attention branch per width
+    n_blocks: int = 2
+    qdl_weight: float = 0.015               # query-diverse loss
+    qdl_margin: float = 0.2
+    qdl_alpha: float = 32.0
+
+
 class GMMFormer(WeightedBranchModel):
     """GMMFormer: Gaussian-mixture attention on 32 clips and on frames pooled to one vector (see module docstring)."""
 
     method = "gmmformer"
-    DEFAULTS = {
-        "hidden_size": 384, "n_heads": 4, "input_dropout": 0.2, "dropout": 0.2, "init_std": 0.02,
-        "n_clips": 32, "max_frames": 128, "max_query_tokens": 30,
-        "gauss_widths": [0.5, 1.0, 5.0], "n_blocks": 2,
-        "clip_weight": 0.7, "frame_weight": 0.3,
-        "margin": 0.2, "clip_nce_weight": 0.02, "frame_nce_weight": 0.04,
-        "qdl_weight": 0.015, "qdl_margin": 0.2, "qdl_alpha": 32.0,
-        "hard_negative_start_epoch": 20, "hard_pool_size": 20, "l2_inputs": True, "store_attn": True,
-    }
+    Config = GMMFormerConfig
 
-    def __init__(self, video_dim: int, text_dim: int, cfg: dict | None = None):
+    def __init__(self, video_dim: int, text_dim: int, cfg: GMMFormerConfig | dict | None = None):
         super().__init__()
+        cfg = self.typed_config(cfg)
         self.video_dim, self.text_dim = video_dim, text_dim
-        self.cfg = cfg = merge_config(self.DEFAULTS, cfg, f"{self.method} model")
-        self.output_dim = cfg["hidden_size"]
-        D, drop, in_drop, heads = cfg["hidden_size"], cfg["dropout"], cfg["input_dropout"], cfg["n_heads"]
-        n_w = len(cfg["gauss_widths"])
+        self.cfg = cfg
+        self.output_dim = cfg.hidden_size
+        D, drop, in_drop, heads = cfg.hidden_size, cfg.dropout, cfg.input_dropout, cfg.n_heads
+        n_w = len(cfg.gauss_widths)
         self.query_encoder = QueryEncoder(text_dim, cfg)
         self.clip_proj = layers.InputProjection(video_dim, D, in_drop)
-        self.clip_pos = PositionalEncoding(cfg["n_clips"], D, in_drop)
-        self.clip_blocks = nn.ModuleList(GaussianMixtureBlock(D, heads, drop, n_w) for _ in range(cfg["n_blocks"]))
+        self.clip_pos = layers.LearnedPositions(cfg.n_clips, D, in_drop)
+        self.clip_blocks = nn.ModuleList(GaussianMixtureBlock(D, heads, drop, n_w) for _ in range(cfg.n_blocks))
         self.frame_proj = layers.InputProjection(video_dim, D, in_drop)
-        self.frame_pos = PositionalEncoding(cfg["max_frames"], D, in_drop)
-        self.frame_blocks = nn.ModuleList(GaussianMixtureBlock(D, heads, drop, n_w) for _ in range(cfg["n_blocks"]))
+        self.frame_pos = layers.LearnedPositions(cfg.max_frames, D, in_drop)
+        self.frame_blocks = nn.ModuleList(GaussianMixtureBlock(D, heads, drop, n_w) for _ in range(cfg.n_blocks))
         self.frame_pool = layers.AttentionPool(D)
-        init_weights(self, cfg["init_std"])
+        init_weights(self, cfg.init_std)
 
     # ---- encoding -------------------------------------------------------------------------
     def _run_blocks(self, blocks, x, mask, lengths):
-        gaussians = [gaussian_weights(lengths, x.shape[1], w).to(x.dtype) for w in self.cfg["gauss_widths"]]
+        gaussians = [gaussian_weights(lengths, x.shape[1], w).to(x.dtype) for w in self.cfg.gauss_widths]
         for block in blocks:
             x = block(x, mask, gaussians)
         return x
@@ -103,12 +109,12 @@ class GMMFormer(WeightedBranchModel):
         frame_mask = frame_mask.bool()
         lengths = frame_mask.sum(1)
         T = frames.shape[1]
-        n_clips = self.cfg["n_clips"]
+        n_clips = self.cfg.n_clips
         bins = layers.uniform_bins(lengths, n_clips, T).to(frames.dtype)
-        l2 = self.cfg["l2_inputs"]
+        l2 = self.cfg.l2_inputs
         clips = self.clip_pos(self.clip_proj(l2_rows(bins @ frames, l2)))
         clips = self._run_blocks(self.clip_blocks, clips, None, torch.full_like(lengths, n_clips))
-        down, token_mask = layers.downsample_frames(lengths, self.cfg["max_frames"], T)
+        down, token_mask = layers.downsample_frames(lengths, self.cfg.max_frames, T)
         tokens = self.frame_pos(self.frame_proj(l2_rows(down.to(frames.dtype) @ frames, l2)))
         tokens = self._run_blocks(self.frame_blocks, tokens, token_mask, token_mask.sum(1))
         pool = layers.masked_softmax(self.frame_pool.score(tokens).squeeze(-1), token_mask)   # [B, F]
@@ -120,7 +126,7 @@ class GMMFormer(WeightedBranchModel):
         B, device = clips.shape[0], clips.device
         clip_mask = torch.ones(clips.shape[:2], dtype=torch.bool, device=device)
         frame_mask_out = torch.ones(B, 1, dtype=torch.bool, device=device)
-        store = self.cfg["store_attn"]
+        store = self.cfg.store_attn
         return VideoEncoding(clips, clip_mask, pooled.unsqueeze(1), frame_mask_out,
                              bins if store else None, frame_map if store else None)
 
@@ -153,13 +159,13 @@ class GMMFormer(WeightedBranchModel):
         clip_cos, clip_raw = cos.max(-1).values, raw.max(-1).values                   # [Q, B]
         frame_cos = F.normalize(q, dim=-1) @ F.normalize(pooled, dim=-1).t()
         frame_raw = q @ pooled.t()
-        hard, pool, margin = self.hard_negatives(batch.epoch), cfg["hard_pool_size"], cfg["margin"]
+        hard, pool, margin = self.hard_negatives(batch.epoch), cfg.hard_pool_size, cfg.margin
         terms = {
-            "clip_nce": cfg["clip_nce_weight"] * infonce_loss(clip_raw, vid),
+            "clip_nce": cfg.clip_nce_weight * infonce_loss(clip_raw, vid),
             "clip_trip": triplet_loss(clip_cos, vid, margin, hard, hard_pool=pool, v2t_hard_pool=1),
-            "frame_nce": cfg["frame_nce_weight"] * infonce_loss(frame_raw, vid),
+            "frame_nce": cfg.frame_nce_weight * infonce_loss(frame_raw, vid),
             "frame_trip": triplet_loss(frame_cos, vid, margin, hard, hard_pool=pool, v2t_hard_pool=1),
-            "query_diverse": cfg["qdl_weight"] * query_diverse_loss(q, vid, cfg["qdl_margin"], cfg["qdl_alpha"]),
+            "query_diverse": cfg.qdl_weight * query_diverse_loss(q, vid, cfg.qdl_margin, cfg.qdl_alpha),
         }
         loss = sum(terms.values())
         return loss, {k: v.item() for k, v in terms.items()}

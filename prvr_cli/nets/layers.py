@@ -92,10 +92,26 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None, dim: int = -
     return torch.softmax(scores, dim=dim)
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """Mean of `x` over `dim`, counting only positions where `mask` is True."""
-    m = mask.to(x.dtype).unsqueeze(-1)
-    return (x * m).sum(dim) / m.sum(dim).clamp(min=1.0)
+class LearnedPositions(nn.Module):
+    """Learned position vectors added to a sequence [B, L, D], then LayerNorm and dropout (all methods' encoders).
+
+    Checkpoints of MS-SL and GMMFormer from before this layer was shared kept the vectors in an
+    nn.Embedding (`embed.weight`); they load into `weight`.
+    """
+
+    def __init__(self, n_positions: int, dim: int, dropout: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_positions, dim) * 0.02)
+        self.norm = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.norm(x + self.weight[: x.shape[1]]))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "embed.weight" in state_dict:
+            state_dict[prefix + "weight"] = state_dict.pop(prefix + "embed.weight")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class InputProjection(nn.Sequential):

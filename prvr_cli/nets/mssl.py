@@ -21,6 +21,7 @@ shared with GMMFormer, which uses the same encoder style.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +29,21 @@ from torch import nn
 
 from . import layers
 from ..errors import UsageError
-from .factory import merge_config
+from .config import BranchModelConfig
 from .retrieval import QueryEncoding, TrainBatch, VideoEncoding, WeightedBranchModel
 from .retrieval_losses import infonce_loss, paired_infonce_loss, triplet_loss
+
+@dataclass(frozen=True)
+class MSSLConfig(BranchModelConfig):
+    """MS-SL's model section (models/mssl_*.json), with the authors' defaults."""
+
+    input_dropout: float = 0.1
+    init_std: float = 0.02
+    clip_nce_weight: float = 0.02
+    frame_nce_weight: float = 0.04
+    l2_inputs: bool = True         # L2-normalise input features first
+    store_attn: bool = True        # keep attention maps (for highlights) in the video encoding
+
 
 # Element budget of one scoring block (queries x videos x max(proposals, frames, dim)).
 SCORE_BLOCK_ELEMENTS = 1 << 25
@@ -39,20 +52,6 @@ SCORE_BLOCK_ELEMENTS = 1 << 25
 def l2_rows(x: torch.Tensor, enabled: bool = True, eps: float = 1e-5) -> torch.Tensor:
     """Scale each feature vector to unit L2 norm (the authors' input normalisation); zero rows stay zero."""
     return x / (x.norm(dim=-1, keepdim=True) + eps) if enabled else x
-
-
-class PositionalEncoding(nn.Module):
-    """Learned position embedding added to the tokens, then LayerNorm and dropout."""
-
-    def __init__(self, max_len: int, dim: int, dropout: float):
-        super().__init__()
-        self.embed = nn.Embedding(max_len, dim)
-        self.norm = nn.LayerNorm(dim)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pos = self.embed(torch.arange(x.shape[1], device=x.device))
-        return self.dropout(self.norm(x + pos.unsqueeze(0)))
 
 
 class SelfAttentionLayer(nn.Module):
@@ -102,13 +101,13 @@ def init_weights(module: nn.Module, std: float) -> None:
 class QueryEncoder(nn.Module):
     """Tokens -> projection -> positions -> one attention layer -> attention pooling into one vector."""
 
-    def __init__(self, text_dim: int, cfg: dict):
+    def __init__(self, text_dim: int, cfg: MSSLConfig):
         super().__init__()
-        D = cfg["hidden_size"]
-        self.max_tokens, self.l2 = cfg["max_query_tokens"], cfg["l2_inputs"]
-        self.proj = layers.InputProjection(text_dim, D, cfg["input_dropout"])
-        self.pos = PositionalEncoding(self.max_tokens, D, cfg["input_dropout"])
-        self.encoder = SelfAttentionLayer(D, cfg["n_heads"], cfg["dropout"])
+        D = cfg.hidden_size
+        self.max_tokens, self.l2 = cfg.max_query_tokens, cfg.l2_inputs
+        self.proj = layers.InputProjection(text_dim, D, cfg.input_dropout)
+        self.pos = layers.LearnedPositions(self.max_tokens, D, cfg.input_dropout)
+        self.encoder = SelfAttentionLayer(D, cfg.n_heads, cfg.dropout)
         self.pool = layers.AttentionPool(D)
 
     def forward(self, tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
@@ -133,32 +132,27 @@ class MSSL(WeightedBranchModel):
     """MS-SL: 528 clip-span proposals and key-clip-guided frame attention (see module docstring)."""
 
     method = "mssl"
-    DEFAULTS = {
-        "hidden_size": 384, "n_heads": 4, "input_dropout": 0.1, "dropout": 0.1, "init_std": 0.02,
-        "n_clips": 32, "max_frames": 128, "max_query_tokens": 30,
-        "clip_weight": 0.7, "frame_weight": 0.3,
-        "margin": 0.2, "clip_nce_weight": 0.02, "frame_nce_weight": 0.04,
-        "hard_negative_start_epoch": 20, "hard_pool_size": 20, "l2_inputs": True, "store_attn": True,
-    }
+    Config = MSSLConfig
 
-    def __init__(self, video_dim: int, text_dim: int, cfg: dict | None = None):
+    def __init__(self, video_dim: int, text_dim: int, cfg: MSSLConfig | dict | None = None):
         super().__init__()
+        cfg = self.typed_config(cfg)
         self.video_dim, self.text_dim = video_dim, text_dim
-        self.cfg = cfg = merge_config(self.DEFAULTS, cfg, f"{self.method} model")
-        self.output_dim = cfg["hidden_size"]
-        D, drop, in_drop = cfg["hidden_size"], cfg["dropout"], cfg["input_dropout"]
+        self.cfg = cfg
+        self.output_dim = cfg.hidden_size
+        D, drop, in_drop = cfg.hidden_size, cfg.dropout, cfg.input_dropout
         self.query_encoder = QueryEncoder(text_dim, cfg)
         self.clip_proj = layers.InputProjection(video_dim, D, in_drop)
-        self.clip_pos = PositionalEncoding(cfg["n_clips"], D, in_drop)
-        self.clip_encoder = SelfAttentionLayer(D, cfg["n_heads"], drop)
+        self.clip_pos = layers.LearnedPositions(cfg.n_clips, D, in_drop)
+        self.clip_encoder = SelfAttentionLayer(D, cfg.n_heads, drop)
         self.frame_proj = layers.InputProjection(video_dim, D, in_drop)
-        self.frame_pos = PositionalEncoding(cfg["max_frames"], D, in_drop)
-        self.frame_encoder = SelfAttentionLayer(D, cfg["n_heads"], drop)
+        self.frame_pos = layers.LearnedPositions(cfg.max_frames, D, in_drop)
+        self.frame_encoder = SelfAttentionLayer(D, cfg.n_heads, drop)
         # key-clip-guided attention: the key clip scores mapped frames, values are mapped frames
         self.guide_key = nn.Linear(D, D, bias=False)
         self.guide_value = nn.Linear(D, D, bias=False)
-        self.register_buffer("span_to_clip", layers.span_to_token(cfg["n_clips"]), persistent=False)
-        init_weights(self, cfg["init_std"])
+        self.register_buffer("span_to_clip", layers.span_to_token(cfg.n_clips), persistent=False)
+        init_weights(self, cfg.init_std)
 
     # ---- encoding -------------------------------------------------------------------------
     def _encode(self, frames: torch.Tensor, frame_mask: torch.Tensor):
@@ -166,9 +160,9 @@ class MSSL(WeightedBranchModel):
         frame_mask = frame_mask.bool()
         lengths = frame_mask.sum(1)
         T = frames.shape[1]
-        bins = layers.uniform_bins(lengths, self.cfg["n_clips"], T).to(frames.dtype)
-        down, token_mask = layers.downsample_frames(lengths, self.cfg["max_frames"], T)
-        l2 = self.cfg["l2_inputs"]
+        bins = layers.uniform_bins(lengths, self.cfg.n_clips, T).to(frames.dtype)
+        down, token_mask = layers.downsample_frames(lengths, self.cfg.max_frames, T)
+        l2 = self.cfg.l2_inputs
         clips = self.clip_encoder(self.clip_pos(self.clip_proj(l2_rows(bins @ frames, l2))))
         frame_in = l2_rows(down.to(frames.dtype) @ frames, l2)
         tokens = self.frame_encoder(self.frame_pos(self.frame_proj(frame_in)), token_mask)
@@ -178,7 +172,7 @@ class MSSL(WeightedBranchModel):
         proposals, tokens, token_mask, bins, down = self._encode(frames, frame_mask)
         clip_mask = torch.ones(proposals.shape[:2], dtype=torch.bool, device=proposals.device)
         clip_attn = frame_attn = None
-        if self.cfg["store_attn"]:
+        if self.cfg.store_attn:
             clip_attn = torch.einsum("pn,bnt->bpt", self.span_to_clip.to(bins.dtype), bins)
             frame_attn = down
         return VideoEncoding(proposals, clip_mask, tokens, token_mask, clip_attn, frame_attn)
@@ -232,12 +226,12 @@ class MSSL(WeightedBranchModel):
         feat = self._guided_features(guide, tokens[vid], token_mask[vid])             # [Q, D]
         frame_cos = F.normalize(q, dim=-1) @ F.normalize(feat, dim=-1).t()            # [Q, Q]
         frame_raw = q @ feat.t()
-        hard, pool, margin = self.hard_negatives(batch.epoch), cfg["hard_pool_size"], cfg["margin"]
+        hard, pool, margin = self.hard_negatives(batch.epoch), cfg.hard_pool_size, cfg.margin
         diag = torch.arange(Q, device=q.device)
         terms = {
-            "clip_nce": cfg["clip_nce_weight"] * infonce_loss(clip_raw, vid),
+            "clip_nce": cfg.clip_nce_weight * infonce_loss(clip_raw, vid),
             "clip_trip": triplet_loss(clip_cos, vid, margin, hard, hard_pool=pool, v2t_hard_pool=1),
-            "frame_nce": cfg["frame_nce_weight"] * paired_infonce_loss(frame_raw),
+            "frame_nce": cfg.frame_nce_weight * paired_infonce_loss(frame_raw),
             "frame_trip": triplet_loss(frame_cos, diag, margin, hard, hard_pool=pool, v2t_hard_pool=pool),
         }
         loss = sum(terms.values())

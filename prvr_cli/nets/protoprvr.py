@@ -21,7 +21,7 @@ Score per branch: max over the video's prototypes of cosine similarity; final sc
 convention of favouring the clip branch). p*, the *retrieved prototype*, is the argmax.
 
 Training objectives (formulas in `protoprvr_losses` and, for the retrieval pair, in the
-`retrieval_losses` shared with MS-SL / GMMFormer; each has a weight in cfg["losses"], 0 turns it off):
+`retrieval_losses` shared with MS-SL / GMMFormer; each has a weight in cfg.losses, 0 turns it off):
     triplet  per branch, hinge ranking on cosine scores, both directions; random negatives before
              `hard_negative_start_epoch`, hard ones after (as MS-SL / GMMFormer)
     nce      per branch, InfoNCE both directions on the max raw dot product (MS-SL's logits)
@@ -38,34 +38,49 @@ Training objectives (formulas in `protoprvr_losses` and, for the retrieval pair,
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import protoprvr_losses as L
 from ..errors import UsageError
-from .factory import merge_config
+from .config import BranchModelConfig, Settings
 from .retrieval_losses import infonce_loss, triplet_loss
-from .layers import (AttentionPool, InputProjection, downsample_frames, span_means, span_to_token,
-                     uniform_bins)
+from .layers import (AttentionPool, InputProjection, LearnedPositions, downsample_frames, span_means,
+                     span_to_token, uniform_bins)
 from .retrieval import QueryEncoding, RetrievalModel, TrainBatch, VideoEncoding
 
-# Table 8 of the paper (TVR's nce weight is 0.03; presets set it per dataset).
-DEFAULT_LOSSES = {"nce": 0.06, "triplet": 1.0, "crecon": 0.1, "urecon": 1.0, "attn": 0.005, "ortho": 0.01}
 BRANCHES = ("clip", "frame")
 
 
-class PositionalEmbedding(nn.Module):
-    """Learned positions added to a sequence, then LayerNorm and dropout (as MS-SL's encoders)."""
+@dataclass(frozen=True)
+class LossWeights(Settings):
+    """Weight of each training objective (Table 8 of the paper; TVR's nce is 0.03, set by its preset); 0 turns it off."""
 
-    def __init__(self, n_positions: int, dim: int, dropout: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(n_positions, dim) * 0.02)
-        self.norm = nn.LayerNorm(dim)
-        self.drop = nn.Dropout(dropout)
+    nce: float = 0.06
+    triplet: float = 1.0
+    crecon: float = 0.1
+    urecon: float = 1.0
+    attn: float = 0.005
+    ortho: float = 0.01
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.norm(x + self.weight[: x.shape[1]]))
+
+@dataclass(frozen=True)
+class ProtoPRVRConfig(BranchModelConfig):
+    """ProtoPRVR's model section (models/protoprvr_*.json)."""
+
+    ff_size: int | None = None          # the encoder layers' feed-forward width; None: hidden_size
+    n_prototypes: int = 30              # per branch
+    iterations: int = 1                 # rounds of prototype cross-attention
+    max_query_tokens: int = 77          # CLIP's text context; longer queries are truncated
+    margin: float = 0.1
+    losses: LossWeights = field(default_factory=LossWeights)
+    crecon_mask_ratio: float = 0.3
+    crecon_temperature: float = 0.07
+    crecon_layers: int = 1
+    attn_beta: float = 0.2
 
 
 class CrossAttentionBlock(nn.Module):
@@ -136,7 +151,7 @@ class PrototypeGenerator(nn.Module):
         return x, attn
 
 
-def branch_scores(queries: torch.Tensor, prototypes: torch.Tensor, mask: torch.Tensor):
+def max_cosine(queries: torch.Tensor, prototypes: torch.Tensor, mask: torch.Tensor):
     """Max over each video's prototypes of the cosine similarity [Q, B] and the prototype reaching it, p* [Q, B]."""
     cos = torch.einsum("qd,bnd->qbn", F.normalize(queries, dim=-1), F.normalize(prototypes, dim=-1))
     return cos.masked_fill(~mask[None], -2.0).max(-1)
@@ -152,31 +167,24 @@ class ProtoPRVR(RetrievalModel):
 
     method = "protoprvr"
 
-    DEFAULTS = {
-        "hidden": 384, "heads": 4, "ff_dim": None,  # None: same as hidden
-        "dropout": 0.1, "n_prototypes": 30, "iterations": 1,
-        "max_frames": 128, "n_clips": 32, "max_words": 77,  # CLIP's text context; longer queries are truncated
-        "clip_weight": 0.7, "frame_weight": 0.3, "losses": DEFAULT_LOSSES,
-        "margin": 0.1, "hard_negative_start_epoch": 20, "hard_pool_size": 20,
-        "crecon_mask_ratio": 0.3, "crecon_temperature": 0.07, "crecon_layers": 1, "attn_beta": 0.2,
-    }
+    Config = ProtoPRVRConfig
 
-    def __init__(self, video_dim: int, text_dim: int, cfg: dict | None = None):
+    def __init__(self, video_dim: int, text_dim: int, cfg: ProtoPRVRConfig | dict | None = None):
         super().__init__()
-        cfg = merge_config(self.DEFAULTS, cfg, f"{self.method} model")
-        self.video_dim, self.text_dim = video_dim, text_dim
-        self.output_dim = cfg["hidden"]  # prototypes and query vectors live in the hidden space
-        hidden, heads, ff_dim, dropout = cfg["hidden"], cfg["heads"], cfg["ff_dim"] or cfg["hidden"], cfg["dropout"]
-        n_prototypes, iterations = cfg["n_prototypes"], cfg["iterations"]
-        self.max_frames, self.n_clips, self.max_words = cfg["max_frames"], cfg["n_clips"], cfg["max_words"]
-        self.clip_weight, self.frame_weight = cfg["clip_weight"], cfg["frame_weight"]
-        self.loss_weights = cfg["losses"]
-        self.margin = cfg["margin"]
-        self.hard_negative_start = cfg["hard_negative_start_epoch"]
-        self.hard_pool = cfg["hard_pool_size"]
-        self.crecon_ratio = cfg["crecon_mask_ratio"]
-        self.crecon_temperature = cfg["crecon_temperature"]
-        self.beta = cfg["attn_beta"]
+        cfg = self.typed_config(cfg)
+        self.cfg, self.video_dim, self.text_dim = cfg, video_dim, text_dim
+        self.output_dim = cfg.hidden_size  # prototypes and query vectors live in the hidden space
+        hidden, heads, ff_dim, dropout = cfg.hidden_size, cfg.n_heads, cfg.ff_size or cfg.hidden_size, cfg.dropout
+        n_prototypes, iterations = cfg.n_prototypes, cfg.iterations
+        self.max_frames, self.n_clips, self.max_words = cfg.max_frames, cfg.n_clips, cfg.max_query_tokens
+        self.clip_weight, self.frame_weight = cfg.clip_weight, cfg.frame_weight
+        self.loss_weights = cfg.losses.as_dict()
+        self.margin = cfg.margin
+        self.hard_negative_start = cfg.hard_negative_start_epoch
+        self.hard_pool = cfg.hard_pool_size
+        self.crecon_ratio = cfg.crecon_mask_ratio
+        self.crecon_temperature = cfg.crecon_temperature
+        self.beta = cfg.attn_beta
 
         def encoder_layer():
             return nn.TransformerEncoderLayer(hidden, heads, ff_dim, dropout, batch_first=True)
@@ -186,22 +194,22 @@ class ProtoPRVR(RetrievalModel):
 
         # video branches
         self.frame_proj = InputProjection(video_dim, hidden, dropout)
-        self.frame_pos = PositionalEmbedding(self.max_frames, hidden, dropout)
+        self.frame_pos = LearnedPositions(self.max_frames, hidden, dropout)
         self.frame_encoder, self.frame_prototypes = encoder_layer(), prototypes()
         self.clip_proj = InputProjection(video_dim, hidden, dropout)
-        self.clip_pos = PositionalEmbedding(self.n_clips, hidden, dropout)
+        self.clip_pos = LearnedPositions(self.n_clips, hidden, dropout)
         self.clip_encoder, self.clip_prototypes = encoder_layer(), prototypes()
         self.register_buffer("span_to_clip", span_to_token(self.n_clips), persistent=False)
         # query
         self.query_proj = InputProjection(text_dim, hidden, dropout)
-        self.query_pos = PositionalEmbedding(self.max_words, hidden, dropout)
+        self.query_pos = LearnedPositions(self.max_words, hidden, dropout)
         self.query_encoder = encoder_layer()
         self.query_pool = nn.ModuleDict({b: AttentionPool(hidden) for b in BRANCHES})
         # cross-modal masked reconstruction decoder: cross-attend to p*, then self-attend
         self.mask_token = nn.Parameter(torch.randn(hidden) * 0.02)
-        self.crecon_pos = PositionalEmbedding(self.max_words, hidden, dropout)
+        self.crecon_pos = LearnedPositions(self.max_words, hidden, dropout)
         self.crecon_cross = CrossAttentionBlock(hidden, heads, ff_dim, dropout)
-        self.crecon_self = nn.ModuleList(encoder_layer() for _ in range(cfg["crecon_layers"]))
+        self.crecon_self = nn.ModuleList(encoder_layer() for _ in range(cfg.crecon_layers))
         self.crecon_head = nn.Linear(hidden, hidden)
         # uni-modal reconstruction: one MLP per branch decodes prototypes into frame features
         self.urecon_decoder = nn.ModuleDict({
@@ -246,8 +254,8 @@ class ProtoPRVR(RetrievalModel):
         return self._encode_tokens(tokens, token_mask)[0]
 
     def score(self, queries: QueryEncoding, videos: VideoEncoding) -> torch.Tensor:
-        s_clip = branch_scores(queries.clip, videos.clip, videos.clip_mask).values
-        s_frame = branch_scores(queries.frame, videos.frame, videos.frame_mask).values
+        s_clip = max_cosine(queries.clip, videos.clip, videos.clip_mask).values
+        s_frame = max_cosine(queries.frame, videos.frame, videos.frame_mask).values
         return self.clip_weight * s_clip + self.frame_weight * s_frame
 
     # ------------------------------------------------------------------ training
@@ -260,7 +268,7 @@ class ProtoPRVR(RetrievalModel):
         protos = {"clip": videos.clip, "frame": videos.frame}
         query = {"clip": queries.clip, "frame": queries.frame}
         masks = {"clip": videos.clip_mask, "frame": videos.frame_mask}
-        scores = {b: branch_scores(query[b], protos[b], masks[b]) for b in BRANCHES}  # (cosine [Q, B], p* [Q, B])
+        scores = {b: max_cosine(query[b], protos[b], masks[b]) for b in BRANCHES}  # (cosine [Q, B], p* [Q, B])
         losses = {}
 
         if w["triplet"] > 0:  # retrieval: triplet ranking per branch, hard negatives after the warm-up

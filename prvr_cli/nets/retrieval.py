@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .config import BranchModelConfig
+
 
 @dataclass
 class VideoEncoding:
@@ -66,10 +68,15 @@ class TrainBatch:
 
 
 class RetrievalModel(nn.Module):
-    """Base class: subclasses implement the four methods below and list every config key in DEFAULTS."""
+    """Base class: subclasses implement the four methods below; `Config` is the dataclass of their model section."""
 
     method: str = ""
-    DEFAULTS: dict = {}  # the model section's keys and default values; a key not here is refused
+    Config: type = BranchModelConfig
+
+    @classmethod
+    def typed_config(cls, cfg) -> BranchModelConfig:
+        """`cfg` as this method's Config: a Config already, or a dict (or None: the defaults) checked key by key."""
+        return cfg if isinstance(cfg, cls.Config) else cls.Config.from_dict(cfg, f"{cls.method} model")
 
     def encode_videos(self, frames: torch.Tensor, frame_mask: torch.Tensor) -> VideoEncoding:
         raise NotImplementedError
@@ -94,9 +101,9 @@ class WeightedBranchModel(RetrievalModel):
 
     def score(self, queries: QueryEncoding, videos: VideoEncoding) -> torch.Tensor:
         clip, frame = self.branch_scores(queries, videos)
-        return self.cfg["clip_weight"] * clip + self.cfg["frame_weight"] * frame
+        return self.cfg.clip_weight * clip + self.cfg.frame_weight * frame
 
     def hard_negatives(self, epoch: int) -> bool:
         """Whether triplet negatives are the hardest ones yet (after the warm-up epochs; -1 means never)."""
-        start = self.cfg["hard_negative_start_epoch"]
+        start = self.cfg.hard_negative_start_epoch
         return start >= 0 and epoch >= start

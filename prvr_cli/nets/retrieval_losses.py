@@ -21,9 +21,6 @@ Semantics follow the MS-SL / GMMFormer training code:
 * `paired_infonce_loss`: MS-SL's frame-level NCE on a square matrix whose
   diagonal holds the positives; one softmax per pair over its row and column.
 * `query_diverse_loss`: GMMFormer's push-apart term between queries of one video.
-
-Status: ready for use by every method (triplet_loss, infonce_loss,
-paired_infonce_loss, query_diverse_loss are final and tested).
 """
 from __future__ import annotations
 

@@ -82,10 +82,22 @@ def _kind(path: Path, raw: str) -> str:
             stat.S_IFBLK: "a block device"}.get(stat.S_IFMT(mode), "not a regular file")
 
 
+def hash_file(path: Path, hasher, sample: int | None = None) -> str:
+    """The hex digest of `hasher` (a hashlib object) fed the file: whole, or with `sample` its first and last
+    `sample` bytes only (for multi-GB weights, where size plus head and tail identify the file)."""
+    with open(path, "rb") as f:
+        if sample is None:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                hasher.update(block)
+        else:
+            size = os.fstat(f.fileno()).st_size
+            hasher.update(f.read(sample))
+            if size > sample:
+                f.seek(max(size - sample, sample))
+                hasher.update(f.read(sample))
+    return hasher.hexdigest()
+
+
 def content_hash(path: Path) -> str:
     """BLAKE2b of the whole file: recognises a moved, copied or touched file without decoding it."""
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    return hash_file(path, hashlib.blake2b(digest_size=16))

@@ -18,21 +18,15 @@ from pathlib import Path
 import numpy as np
 
 from ..devices import resolve_device
+from .discover import hash_file
 from ..errors import UsageError, WeightsError
 
 log = logging.getLogger("prvr")
 
 
-def _file_digest(path: Path, limit: int = 1 << 20) -> str:
-    """Identity of a (possibly large) file: its size plus a hash of its head and tail."""
-    size = path.stat().st_size
-    h = hashlib.blake2b(str(size).encode(), digest_size=8)
-    with open(path, "rb") as f:
-        h.update(f.read(limit))
-        if size > limit:
-            f.seek(max(size - limit, limit))
-            h.update(f.read(limit))
-    return h.hexdigest()
+def weights_digest(path: Path) -> str:
+    """Identity of a (possibly multi-GB) weights file: its size plus a hash of its first and last MiB."""
+    return hash_file(path, hashlib.blake2b(str(path.stat().st_size).encode(), digest_size=8), sample=1 << 20)
 
 
 def describe(model_name: str, pretrained: str) -> tuple[dict, dict]:
@@ -61,7 +55,7 @@ def describe(model_name: str, pretrained: str) -> tuple[dict, dict]:
     elif Path(pretrained).expanduser().is_file():
         weights = Path(pretrained).expanduser().resolve()
         identity["clip_pretrained"] = weights.name
-        identity["clip_weights_digest"] = _file_digest(weights)
+        identity["clip_weights_digest"] = weights_digest(weights)
         source["clip_pretrained"] = str(weights)
     elif model_name.endswith(".json") or pretrained not in open_clip.list_pretrained_tags_by_model(model_name):
         tags = [] if model_name.endswith(".json") else open_clip.list_pretrained_tags_by_model(model_name)

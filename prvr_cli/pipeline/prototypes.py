@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..nets import layers
+from .discover import hash_file
 from ..errors import MismatchError
 
 
@@ -122,13 +123,8 @@ class TrainedPrototypes:
     def __init__(self, model, meta: dict, checkpoint: Path, device: str = "cpu"):
         self.model, self.meta, self.checkpoint = model.to(device), meta, Path(checkpoint).resolve()
         self.device = device
-        cfg = meta["config"]["model"]
         self.branch_weights = (float(model.clip_weight), float(model.frame_weight))
-        h = hashlib.sha1()
-        with open(self.checkpoint, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        self.digest = h.hexdigest()[:16]
+        self.digest = hash_file(self.checkpoint, hashlib.sha1())[:16]
 
     @classmethod
     def load(cls, checkpoint: str | Path, encoder_spec: dict, device: str = "cpu") -> "TrainedPrototypes":

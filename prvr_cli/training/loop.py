@@ -25,13 +25,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .datasets import PRVRData, Split, counted
 from ..errors import DataError, PrvrError, UsageError
 from .evaluate import evaluate
-from ..nets.factory import TRAIN_DEFAULTS, create_model, merge_config, override, save_checkpoint
+from ..nets.config import STOP_KEYS, TrainConfig
+from ..nets.factory import canonical, create_model, override, save_checkpoint
 from ..nets.retrieval import TrainBatch
 from ..devices import resolve_device
 
-# Settings that may change when a run is resumed: they only decide when to stop.
+# STOP_KEYS may change when a run is resumed: they only decide when to stop.
 # (Raising max_epochs stretches the remaining linear decay over the new total.)
-STOP_KEYS = ("max_epochs", "patience")
 # Below this many val videos, val recall is too coarse to select an epoch (a warning says so).
 MIN_VAL_VIDEOS = 10
 
@@ -42,26 +42,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_settings(config: dict) -> dict:
-    settings = merge_config(TRAIN_DEFAULTS, config.get("train"), "train")
-    if settings["optimizer"] != "adamw":
-        raise UsageError(f"train.optimizer {settings['optimizer']!r} is not supported; use 'adamw'")
-    if settings["schedule"] not in ("linear", "constant"):
-        raise UsageError(f"train.schedule {settings['schedule']!r} is not supported; use 'linear' or 'constant'")
-    for key in ("batch_videos", "max_epochs"):
-        if int(settings[key]) < 1:
-            raise UsageError(f"train.{key} must be at least 1, got {settings[key]}")
-    return settings
+def train_settings(config: dict) -> TrainConfig:
+    """The config's training section, typed and complete."""
+    return TrainConfig.from_dict(config.get("train"), "train")
 
 
-def make_optimizer(model: torch.nn.Module, settings: dict) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, settings: TrainConfig) -> torch.optim.Optimizer:
     """AdamW; biases and normalisation weights (1-D parameters) get no weight decay."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim > 1]
     plain = [p for p in params if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": float(settings["weight_decay"])},
+    groups = [{"params": decay, "weight_decay": float(settings.weight_decay)},
               {"params": plain, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=float(settings["lr"]))
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=float(settings.lr))
 
 
 def make_schedule(optimizer, total_steps: int, warmup: float, schedule: str):
@@ -105,10 +98,11 @@ def check_resume(payload: dict, config: dict, data: PRVRData, path: Path) -> Non
         if old_src.get(key) != data.source.get(key):
             raise DataError(f"{path} was trained on {key} {old_src.get(key)!r}, the data given is "
                             f"{data.source.get(key)!r}; pass the same data or train into a new --out")
-    diff = sorted(k for k in flat_keys(payload["config"]) | flat_keys(config)
-                  if lookup(payload["config"], k) != lookup(config, k) and k not in {f"train.{x}" for x in STOP_KEYS})
+    old = canonical(payload["config"])
+    diff = sorted(k for k in flat_keys(old) | flat_keys(config)
+                  if lookup(old, k) != lookup(config, k) and k not in {f"train.{x}" for x in STOP_KEYS})
     if diff:
-        raise UsageError(f"{path} was trained with a different {diff[0]} ({lookup(payload['config'], diff[0])!r} vs "
+        raise UsageError(f"{path} was trained with a different {diff[0]} ({lookup(old, diff[0])!r} vs "
                          f"{lookup(config, diff[0])!r}); resume with the original settings or use a new --out")
 
 
@@ -150,16 +144,16 @@ class Trainer:
         elif self.last_path.exists():
             raise UsageError(f"{self.out} already holds a run (last.pt); pass --resume to continue it "
                              "or choose another --out")
-        self.settings = train_settings(config)
-        self.config = {**config, "train": self.settings}
+        self.config = canonical(config)
+        self.settings = train_settings(self.config)
 
         seed_everything(seed)
         self.model = create_model(self.config, video_dim=data.video_dim, text_dim=data.text_dim).to(self.device)
         self.optimizer = make_optimizer(self.model, self.settings)
         train = data.splits["train"]
-        self.steps_per_epoch = math.ceil(train.n_videos / int(self.settings["batch_videos"]))
-        total = self.steps_per_epoch * int(self.settings["max_epochs"])
-        self.scheduler = make_schedule(self.optimizer, total, float(self.settings["warmup"]), self.settings["schedule"])
+        self.steps_per_epoch = math.ceil(train.n_videos / int(self.settings.batch_videos))
+        total = self.steps_per_epoch * int(self.settings.max_epochs)
+        self.scheduler = make_schedule(self.optimizer, total, float(self.settings.warmup), self.settings.schedule)
         self.epoch, self.best, self.bad_epochs, self.history = 0, None, 0, []
         if payload is not None:
             self._restore(payload)
@@ -179,8 +173,7 @@ class Trainer:
         if payload.get("seed") != self.seed:
             raise UsageError(f"--resume: {self.last_path} was trained with --seed {payload.get('seed')}, "
                              f"not {self.seed}; resume with the same seed")
-        check_resume(payload, {**config, "train": {**TRAIN_DEFAULTS, **config.get("train", {})}}, self.data,
-                     self.last_path)
+        check_resume(payload, canonical(config), self.data, self.last_path)
         return payload
 
     def _restore(self, payload: dict) -> None:
@@ -211,11 +204,11 @@ class Trainer:
         """One pass over the training videos; returns the mean of each loss term."""
         self.model.train()
         train = self.data.splits["train"]
-        task = progress.add_task(f"epoch {self.epoch + 1}/{self.settings['max_epochs']}", total=self.steps_per_epoch,
+        task = progress.add_task(f"epoch {self.epoch + 1}/{self.settings.max_epochs}", total=self.steps_per_epoch,
                                  loss="")
         sums, steps = {}, 0
-        clip = float(self.settings.get("grad_clip") or 0)
-        for batch in epoch_batches(train, int(self.settings["batch_videos"]), self.seed, self.epoch):
+        clip = float(self.settings.grad_clip or 0)
+        for batch in epoch_batches(train, int(self.settings.batch_videos), self.seed, self.epoch):
             loss, terms = self.model(batch.to(self.device))
             if not torch.isfinite(loss):
                 raise PrvrError(f"training loss became {loss.item()} at epoch {self.epoch + 1}, step {steps + 1}; "
@@ -239,7 +232,7 @@ class Trainer:
     def run(self) -> dict:
         """Train until max_epochs or early stop, then score the best checkpoint on test."""
         self.out.mkdir(parents=True, exist_ok=True)
-        max_epochs, patience = int(self.settings["max_epochs"]), int(self.settings["patience"])
+        max_epochs, patience = int(self.settings.max_epochs), int(self.settings.patience)
         self.console.print(f"[bold]prvr train[/] {self.config.get('preset', self.config['method'])} on "
                            f"{self.data.summary()} | device {self.device} | {self.steps_per_epoch} steps/epoch")
         n_val = self.data.splits["val"].n_videos

@@ -14,7 +14,7 @@ from prvr_cli.errors import DataError
 from tests.helpers import synthetic, write_h5_dataset
 
 SMALL = {
-    "protoprvr": {"hidden": 16, "heads": 2, "ff_dim": 16, "n_prototypes": 4, "n_clips": 4, "max_frames": 8},
+    "protoprvr": {"hidden_size": 16, "n_heads": 2, "ff_size": 16, "n_prototypes": 4, "n_clips": 4, "max_frames": 8},
     "mssl": {"hidden_size": 16, "n_heads": 2, "n_clips": 4, "max_frames": 8},
     "gmmformer": {"hidden_size": 16, "n_heads": 2, "n_clips": 4, "max_frames": 8},
 }

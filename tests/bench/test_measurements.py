@@ -119,7 +119,7 @@ def test_storage_on_a_checkpoint_reports_sumr_per_type(tmp_path, method):
     from tests.helpers import TEXT_DIM, VIDEO_DIM, write_h5_dataset
 
     write_h5_dataset(tmp_path / "data")
-    small = {"protoprvr": {"hidden": 16, "heads": 2, "n_prototypes": 4, "n_clips": 4, "max_frames": 8},
+    small = {"protoprvr": {"hidden_size": 16, "n_heads": 2, "n_prototypes": 4, "n_clips": 4, "max_frames": 8},
              "mssl": {"hidden_size": 16, "n_heads": 2, "n_clips": 4, "max_frames": 8}}[method]
     config = load_config(f"{method}_anet")
     config["model"] = {**{k: v for k, v in config["model"].items() if k in small or method == "protoprvr"}, **small}

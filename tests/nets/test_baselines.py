@@ -197,7 +197,7 @@ def test_unknown_setting_is_a_usage_error():
 @pytest.mark.parametrize("preset", ["mssl_anet", "mssl_tvr", "gmmformer_anet", "gmmformer_tvr"])
 def test_presets_build_and_checkpoint_round_trip(preset, tmp_path):
     m = create_model(preset, video_dim=VDIM, text_dim=TDIM)
-    assert (m.video_dim, m.text_dim) == (VDIM, TDIM) and m.cfg["clip_weight"] == 0.7
+    assert (m.video_dim, m.text_dim) == (VDIM, TDIM) and m.cfg.clip_weight == 0.7
     path = tmp_path / "m.pt"
     save_checkpoint(path, m, feature_source={"collection": "test"})
     loaded, meta = load_checkpoint(path)

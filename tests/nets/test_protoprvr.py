@@ -5,7 +5,7 @@ import torch
 from prvr_cli.nets import protoprvr_losses as L
 from prvr_cli.errors import UsageError
 from prvr_cli.nets.factory import create_model, load_checkpoint, load_config, override, save_checkpoint
-from prvr_cli.nets.protoprvr import PrototypeGenerator, ProtoPRVR, branch_scores, max_dot
+from prvr_cli.nets.protoprvr import PrototypeGenerator, ProtoPRVR, max_cosine, max_dot
 from prvr_cli.nets.retrieval import TrainBatch
 from prvr_cli.nets.retrieval_losses import infonce_loss, triplet_loss
 
@@ -19,7 +19,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-TINY = {"hidden": 16, "heads": 2, "ff_dim": 32, "dropout": 0.0, "max_frames": 8, "n_clips": 4, "max_words": 10,
+TINY = {"hidden_size": 16, "n_heads": 2, "ff_size": 32, "dropout": 0.0, "max_frames": 8, "n_clips": 4, "max_query_tokens": 10,
         "n_prototypes": 5, "iterations": 1, "hard_pool_size": 2}
 VDIM, TDIM = 12, 7
 
@@ -69,8 +69,8 @@ def test_query_encoding_and_score():
         s = model.score(q, v)
     assert q.clip.shape == q.frame.shape == (8, 16)
     assert s.shape == (8, 4)
-    clip = branch_scores(q.clip, v.clip, v.clip_mask)[0]
-    frame = branch_scores(q.frame, v.frame, v.frame_mask)[0]
+    clip = max_cosine(q.clip, v.clip, v.clip_mask)[0]
+    frame = max_cosine(q.frame, v.frame, v.frame_mask)[0]
     assert torch.allclose(s, 0.7 * clip + 0.3 * frame)
     assert (s.abs() <= 1 + 1e-6).all()
 
@@ -93,9 +93,9 @@ def test_query_padding_and_overlong_queries():
 def test_branch_scores_hand_case():
     queries = torch.tensor([[1.0, 0.0]])
     protos = torch.tensor([[[0.0, 3.0], [2.0, 2.0], [-5.0, 0.0]]])
-    cos, best = branch_scores(queries, protos, torch.ones(1, 3, dtype=torch.bool))
+    cos, best = max_cosine(queries, protos, torch.ones(1, 3, dtype=torch.bool))
     assert cos.item() == pytest.approx(2 ** -0.5) and best.item() == 1 and max_dot(queries, protos).item() == 2.0
-    cos, best = branch_scores(queries, protos, torch.tensor([[True, False, True]]))
+    cos, best = max_cosine(queries, protos, torch.tensor([[True, False, True]]))
     assert cos.item() == pytest.approx(0.0) and best.item() == 0
 
 
@@ -208,7 +208,7 @@ def test_retrieval_terms_match_the_loss_functions():
     v = model.encode_videos(batch.frames, batch.frame_mask)
     expected_nce = expected_triplet = 0.0
     for qb, vb in ((q.clip, v.clip), (q.frame, v.frame)):
-        cos, _ = branch_scores(qb, vb, torch.ones(vb.shape[:2], dtype=torch.bool))
+        cos, _ = max_cosine(qb, vb, torch.ones(vb.shape[:2], dtype=torch.bool))
         expected_nce += infonce_loss(max_dot(qb, vb), batch.video_index).item()
         expected_triplet += triplet_loss(cos, batch.video_index, 0.1, hard=True, hard_pool=1).item()
     model.hard_pool = 1
@@ -238,7 +238,7 @@ def test_cross_modal_reconstruction_reads_only_the_retrieved_prototype():
     q = model.encode_queries(batch.tokens, batch.token_mask)
     enc = kept[0]
     for qb, protos in ((q.clip, enc.clip), (q.frame, enc.frame)):
-        best = branch_scores(qb, protos, torch.ones(protos.shape[:2], dtype=torch.bool))[1]
+        best = max_cosine(qb, protos, torch.ones(protos.shape[:2], dtype=torch.bool))[1]
         expected = torch.zeros(protos.shape[:2], dtype=torch.bool)
         expected[batch.video_index, best[torch.arange(len(best)), batch.video_index]] = True
         assert torch.equal(protos.grad.abs().sum(-1) > 0, expected)
@@ -328,7 +328,7 @@ def test_presets_load(preset, nce):
     config = load_config(preset)
     assert config["method"] == "protoprvr" and config["train"]["lr"] == 2.5e-4
     m = config["model"]
-    assert (m["n_prototypes"], m["iterations"], m["hidden"], m["heads"]) == (30, 1, 384, 4)
+    assert (m["n_prototypes"], m["iterations"], m["hidden_size"], m["n_heads"]) == (30, 1, 384, 4)
     assert m["losses"] == {"nce": nce, "triplet": 1.0, "crecon": 0.1, "urecon": 1.0, "attn": 0.005, "ortho": 0.01}
     assert m["attn_beta"] == 0.2
 

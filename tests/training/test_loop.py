@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from prvr_cli.nets import factory
+from prvr_cli.nets.config import Settings
 from prvr_cli.cli.train import parse_sets, train_command
 from prvr_cli.training.datasets import load_features
 from prvr_cli.errors import DataError, UsageError
@@ -22,20 +24,27 @@ from prvr_cli.training.loop import epoch_batches, make_schedule, train
 from tests.helpers import synthetic, write_h5_dataset
 
 
+@dataclass(frozen=True)
+class TinyConfig(Settings):
+    dim: int = 16
+    dropout: float = 0.1
+    temperature: float = 0.1
+
+
 class TinyModel(RetrievalModel):
     """Linear maps of frames and mean tokens into a shared space; max-over-frames cosine; InfoNCE."""
 
     method = "tiny"
-    DEFAULTS = {"dim": 16, "dropout": 0.1, "temperature": 0.1}
+    Config = TinyConfig
 
-    def __init__(self, video_dim, text_dim, cfg):
+    def __init__(self, video_dim, text_dim, cfg=None):
         super().__init__()
+        cfg = self.typed_config(cfg)
         self.video_dim, self.text_dim = video_dim, text_dim
-        dim = cfg.get("dim", 16)
-        self.video = nn.Linear(video_dim, dim)
-        self.text = nn.Linear(text_dim, dim)
-        self.drop = nn.Dropout(cfg.get("dropout", 0.1))
-        self.temperature = cfg.get("temperature", 0.1)
+        self.video = nn.Linear(video_dim, cfg.dim)
+        self.text = nn.Linear(text_dim, cfg.dim)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.temperature = cfg.temperature
 
     def encode_videos(self, frames, frame_mask):
         x = F.normalize(self.video(self.drop(frames)), dim=-1)
@@ -267,7 +276,7 @@ def test_protoprvr_trains_through_the_loop(toy, tmp_path):
     """The real method, shrunk: the loss falls and test recall beats chance (SumR 233 on 12 videos)."""
     _, data = toy
     config = factory.override(factory.load_config("protoprvr_anet"), {
-        "model.hidden": 32, "model.ff_dim": 32, "model.heads": 2, "model.n_clips": 8, "model.n_prototypes": 4,
+        "model.hidden_size": 32, "model.ff_size": 32, "model.n_heads": 2, "model.n_clips": 8, "model.n_prototypes": 4,
         "train.max_epochs": 5, "train.batch_videos": 16, "train.lr": 2e-3})
     summary = train(config, data, tmp_path / "run", device="cpu", seed=0)
     losses = [h["losses"]["loss"] for h in summary["history"]]

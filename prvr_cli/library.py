@@ -14,7 +14,8 @@ from pathlib import Path
 
 from .errors import IndexMissingError, MismatchError, UsageError
 from .index.search import Hit, attach_highlights, rank
-from .index.store import Index, describe_builder
+from .index.meta import describe_builder
+from .index.store import Index
 from .pipeline.discover import Discovered, discover
 from .devices import resolve_device
 from .pipeline.encode import FrameTextEncoder, describe, fingerprint

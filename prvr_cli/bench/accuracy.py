@@ -276,7 +276,7 @@ def run(data_root: Path, collection: str, feature: str, runs: Path, presets: lis
     """`prvr bench accuracy`: check the request, load the data, train or reuse every run, score it, and write
     the record (runs/bench_accuracy*.json) and the plots."""
     from ..devices import resolve_device
-    from ..training.datasets import load_features
+    from ..training.feature_layouts import load_features
 
     bad = [t for t in tables if t not in TABLES]
     if bad or not tables:

@@ -68,7 +68,7 @@ def bench_storage_synthetic(n_videos: int = 10000, n_queries: int = 256, seed: i
 def bench_storage_real(checkpoint: str, data_root: str, collection: str, feature: str, split: str = "test",
                        device: str = "cpu", progress=None) -> dict:
     """Real model outputs: bytes per video, score error and rank agreement per storage type, and SumR per type."""
-    from ..training.datasets import load_features
+    from ..training.feature_layouts import load_features
     from ..errors import UsageError
     from ..nets.factory import load_checkpoint
 

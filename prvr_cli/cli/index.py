@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from .. import settings
-from ..index.store import describe_builder
+from ..index.meta import describe_builder
 from ..library import disk_usage
 from .options import IndexOpt, JsonOpt, open_library
 from .output import fmt_bytes, fmt_time, print_videos, stderr, write_line

@@ -9,6 +9,7 @@ import typer
 
 from ..errors import UsageError
 from ..nets.factory import canonical, load_config, override
+from .output import write_line
 
 
 def parse_sets(pairs: list[str]) -> dict:
@@ -49,9 +50,35 @@ def train_command(
     as_json: bool = typer.Option(False, "--json", help="Print the final summary as JSON on stdout."),
 ) -> None:
     """Train a model; progress on stderr, checkpoints and metrics.json in --out."""
-    from ..training.datasets import load_features, load_index
     from ..training.loop import train
 
+    _check_sources(data, collection, index, captions)
+    config = _config(preset, sets, epochs, batch_videos, lr)
+    if train_videos is not None and train_videos < 2:
+        raise UsageError(f"--train-videos {train_videos}: use at least 2 videos (or leave it out for all)")
+    dataset = _dataset(data, collection, feature, text_feature, index, captions, seed)
+    summary = train(config, dataset.with_train_subset(train_videos, seed), out, device=device, seed=seed,
+                    resume=resume)
+    if as_json:
+        write_line(json.dumps({k: summary[k] for k in ("run_dir", "preset", "method", "device", "seed", "epochs",
+                                                       "best_epoch", "val", "test", "seconds_per_epoch",
+                                                       "checkpoints")}))
+
+
+def _config(preset: str, sets: list[str], epochs, batch_videos, lr) -> dict:
+    """The preset with --set and the schedule flags applied; an unknown key is refused before any data loads."""
+    overrides = parse_sets(sets)
+    for flag, key, value in (("--epochs", "train.max_epochs", epochs), ("--batch-videos", "train.batch_videos",
+                                                                         batch_videos), ("--lr", "train.lr", lr)):
+        if value is not None:
+            if value <= 0:
+                raise UsageError(f"{flag} must be positive, got {value}")
+            overrides[key] = value
+    return canonical(override(load_config(preset), overrides))
+
+
+def _check_sources(data, collection, index, captions) -> None:
+    """Exactly one source of training data, with what it needs."""
     if index is not None and data is not None:
         raise UsageError("pass either --data (pre-extracted features) or --index with --captions, not both")
     if index is not None and captions is None:
@@ -60,27 +87,13 @@ def train_command(
         raise UsageError("--data needs --collection NAME (the folder under --data, e.g. anet)")
     if index is None and data is None:
         raise UsageError("nothing to train on: pass --data DIR --collection NAME, or --index DIR --captions FILE")
-    overrides = parse_sets(sets)
-    flags = (("--epochs", "train.max_epochs", epochs), ("--batch-videos", "train.batch_videos", batch_videos),
-             ("--lr", "train.lr", lr))
-    for flag, key, value in flags:
-        if value is not None:
-            if value <= 0:
-                raise UsageError(f"{flag} must be positive, got {value}")
-            overrides[key] = value
-    config = override(load_config(preset), overrides)
-    canonical(config)  # an unknown key is refused here, before any data is loaded
-    if train_videos is not None and train_videos < 2:
-        raise UsageError(f"--train-videos {train_videos}: use at least 2 videos (or leave it out for all)")
+
+
+def _dataset(data, collection, feature, text_feature, index, captions, seed: int):
+    """Pre-extracted features (--data/--collection) or own videos (--index/--captions)."""
+    from ..training.feature_layouts import load_features
+    from ..training.own_videos import load_index
 
     if index is not None:
-        dataset = load_index(index, captions, seed=seed)
-    else:
-        dataset = load_features(data, collection, feature, text_feature=text_feature, seed=seed)
-    dataset = dataset.with_train_subset(train_videos, seed)
-
-    summary = train(config, dataset, out, device=device, seed=seed, resume=resume)
-    if as_json:
-        brief = {k: summary[k] for k in ("run_dir", "preset", "method", "device", "seed", "epochs", "best_epoch",
-                                         "val", "test", "seconds_per_epoch", "checkpoints")}
-        typer.echo(json.dumps(brief))
+        return load_index(index, captions, seed=seed)
+    return load_features(data, collection, feature, text_feature=text_feature, seed=seed)

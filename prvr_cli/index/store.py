@@ -26,52 +26,24 @@ import datetime
 import errno
 import fcntl
 import hashlib
-import json
 import os
 import shutil
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Iterator
 
 os.environ.setdefault("LANCE_LOG", "error")
 
 import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
 
 from ..errors import CorruptError, DiskError, IndexMissingError, LockedError  # noqa: E402
+from .matrices import SearchMatrices, load_matrices  # noqa: E402
+from .meta import FORMAT_VERSION, META_FILE, read_meta, write_meta  # noqa: E402
+from .rows import VideoRecord, schemas, sql_str, to_table  # noqa: E402
 
-FORMAT_VERSION = 1
-META_FILE = "index.json"
 MODEL_FILE = "model.pt"
-CACHE_KIND = "f32-2"  # the search cache's layout: float32 prototypes, videos.json with paths and content hashes
 VERSION_GRACE = 60.0  # seconds a superseded table version is kept for searches that may still read it
-
-
-@dataclass
-class VideoRecord:
-    """Everything stored about one video, except its frame features."""
-
-    path: str
-    size: int
-    mtime: float
-    content_hash: str
-    duration: float
-    fps: float
-    native_fps: float
-    width: int
-    height: int
-    timestamps: np.ndarray      # [T] seconds
-    proto_clip: np.ndarray      # [Lp, D]
-    proto_frame: np.ndarray     # [Lp, D]
-    attn_clip: np.ndarray       # [Lp, T]
-    attn_frame: np.ndarray      # [Lp, T]
-
-
-def sql_str(value: str) -> str:
-    """A string literal for a LanceDB filter."""
-    return "'" + value.replace("'", "''") + "'"
 
 
 def _disk_guard(fn):
@@ -126,44 +98,10 @@ class Index:
                 raise CorruptError(f"{root} exists and is not an empty folder or a prvr index; choose another --index")
             root.mkdir(parents=True, exist_ok=True)
             meta = {"format": FORMAT_VERSION, "created": time.time()}
-            if cls._write_meta(root, meta, exclusive=True):
+            if write_meta(root, meta, exclusive=True):
                 return cls(root, meta, cache_dir)
             return cls.open(root, cache_dir=cache_dir)  # another process created it a moment ago
-        return cls(root, cls._read_meta(root), cache_dir)
-
-    @staticmethod
-    def _read_meta(root: Path) -> dict:
-        meta_path = root / META_FILE
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CorruptError(f"{meta_path} is unreadable ({e}); restore it from a backup or re-ingest") from e
-        if not isinstance(meta, dict) or not isinstance(meta.get("format"), int):
-            raise CorruptError(f"{meta_path} is not a prvr index description; restore it or re-ingest")
-        if meta["format"] > FORMAT_VERSION:
-            raise CorruptError(f"index {root} has format {meta['format']}, written by a newer prvr "
-                               f"(this one reads {FORMAT_VERSION}); upgrade prvr")
-        return meta
-
-    @staticmethod
-    def _write_meta(root: Path, meta: dict, exclusive: bool = False) -> bool:
-        """Write index.json atomically; with `exclusive`, only if none exists (returns False if one did)."""
-        tmp = root / f"{META_FILE}.tmp{os.getpid()}"
-        try:
-            with open(tmp, "w") as f:
-                f.write(json.dumps(meta, indent=2, sort_keys=True))
-                f.flush()
-                os.fsync(f.fileno())
-            if not exclusive:
-                os.replace(tmp, root / META_FILE)
-                return True
-            try:
-                os.link(tmp, root / META_FILE)
-                return True
-            except FileExistsError:
-                return False
-        finally:
-            tmp.unlink(missing_ok=True)
+        return cls(root, read_meta(root), cache_dir)
 
     @property
     def encoder_spec(self) -> dict | None:
@@ -176,7 +114,7 @@ class Index:
     def bind(self, encoder_spec: dict, builder_spec: dict, proto_dim: int) -> None:
         """Record the encoder and prototype builder of a new index (the caller has checked an existing one)."""
         self.meta.update(encoder=encoder_spec, builder=self._keep_model(builder_spec), proto_dim=proto_dim)
-        self._write_meta(self.root, self.meta)
+        write_meta(self.root, self.meta)
 
     def keep_model_copy(self, builder_spec: dict) -> None:
         """Give an index made before indexes kept their model a copy of it (from the builder just loaded)."""
@@ -185,7 +123,7 @@ class Index:
 
     def rebind_builder(self, builder_spec: dict, proto_dim: int) -> None:
         self.meta.update(builder=self._keep_model(builder_spec), proto_dim=proto_dim)
-        self._write_meta(self.root, self.meta)
+        write_meta(self.root, self.meta)
 
     def _keep_model(self, builder_spec: dict) -> dict:
         """Copy a trained builder's checkpoint into the index (byte for byte: its fingerprint stays)."""
@@ -235,7 +173,7 @@ class Index:
                 fcntl.flock(fd, fcntl.LOCK_EX)
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
-            self.meta = self._read_meta(self.root)  # the previous holder may have changed it
+            self.meta = read_meta(self.root)  # the previous holder may have changed it
             yield self
         finally:
             os.close(fd)
@@ -278,27 +216,9 @@ class Index:
     def frames(self):
         return self._table("frames")
 
-    def _schemas(self) -> tuple[pa.Schema, pa.Schema]:
-        d, c = int(self.meta["proto_dim"]), int(self.encoder_spec["dim"])
-        multivector = lambda dim: pa.list_(pa.list_(pa.float16(), dim))  # noqa: E731
-        videos = pa.schema([
-            ("path", pa.string()), ("size", pa.int64()), ("mtime", pa.float64()), ("content_hash", pa.string()),
-            ("duration", pa.float32()), ("fps", pa.float32()), ("native_fps", pa.float32()),
-            ("width", pa.int32()), ("height", pa.int32()), ("n_frames", pa.int32()),
-            ("timestamps", pa.list_(pa.float32())),
-            ("proto_clip", multivector(d)), ("proto_frame", multivector(d)),
-            ("attn_clip", pa.list_(pa.float16())), ("attn_frame", pa.list_(pa.float16())),
-            ("encoder", pa.string()), ("builder", pa.string()), ("ingested_at", pa.float64()),
-        ])
-        frames = pa.schema([
-            ("path", pa.string()), ("content_hash", pa.string()),
-            ("timestamps", pa.list_(pa.float32())), ("features", multivector(c)),
-        ])
-        return videos, frames
-
     def _ensure_tables(self):
         videos, frames = self.videos, self.frames
-        v_schema, f_schema = self._schemas()
+        v_schema, f_schema = schemas(int(self.meta["proto_dim"]), int(self.encoder_spec["dim"]))
         if frames is None:
             frames = self.db.create_table("frames", schema=f_schema, exist_ok=True)
         if videos is None:
@@ -377,7 +297,7 @@ class Index:
         key = f"path = {sql_str(record.path)}"
         frames.delete(f"{key} AND content_hash = {sql_str(record.content_hash)}")
         frames.add(to_table([{"path": record.path, "content_hash": record.content_hash,
-                              "timestamps": record.timestamps, "features": features}], self._schemas()[1]))
+                              "timestamps": record.timestamps, "features": features}], schemas(int(self.meta["proto_dim"]), int(self.encoder_spec["dim"]))[1]))
         row = {
             "path": record.path, "size": record.size, "mtime": record.mtime, "content_hash": record.content_hash,
             "duration": record.duration, "fps": record.fps, "native_fps": record.native_fps,
@@ -387,7 +307,7 @@ class Index:
             "encoder": self.encoder_spec["fingerprint"], "builder": self.builder_spec["fingerprint"],
             "ingested_at": time.time(),
         }
-        table = to_table([row], self._schemas()[0])
+        table = to_table([row], schemas(int(self.meta["proto_dim"]), int(self.encoder_spec["dim"]))[0])
         videos.merge_insert("path").when_matched_update_all().when_not_matched_insert_all().execute(table)
         frames.delete(f"{key} AND content_hash != {sql_str(record.content_hash)}")
 
@@ -413,7 +333,7 @@ class Index:
     @_disk_guard
     def recreate_videos_table(self, rows: list[dict]) -> None:
         """Replace the videos table wholesale (reindex into a prototype dim that differs)."""
-        schema = self._schemas()[0]
+        schema = schemas(int(self.meta["proto_dim"]), int(self.encoder_spec["dim"]))[0]
         table = to_table(rows, schema)
         self.db.create_table("videos", data=table, schema=schema, mode="overwrite")
 
@@ -448,122 +368,16 @@ class Index:
 
     # ----- search matrices ----------------------------------------------------------------
 
-    def search_matrices(self) -> "SearchMatrices":
-        """Every video's path, content hash and prototypes per branch ([N, Lp, D] float32), cached per version.
+    def search_matrices(self) -> SearchMatrices:
+        """Every video's path, content hash and prototypes per branch, cached per table version (`matrices`).
 
-        The cache is memory-mapped, so a search touches the prototypes without
-        parsing the table; it is rebuilt automatically after any write. It holds
-        float32, twice the table's fp16: converting fp16 on every query cost about
-        five times the matrix product itself (see docs/benchmarks.md).
+        The version read here is the snapshot that `rows` reads highlights from, so one search sees one version.
         """
         table = self.videos
         if table is None or table.count_rows() == 0:
             raise IndexMissingError(f"index {self.root} is empty; add videos with `prvr ingest PATH`")
         self._snapshot = table
-        for folder in self._cache_folders():
-            cache = folder / f"videos-v{table.version}-{CACHE_KIND}"
-            if (cache / "videos.json").exists():
-                break
-            try:
-                self._build_cache(table, cache)
-                break
-            except DiskError:
-                return self._matrices(table)  # disk full: search from memory, without a cache
-            except OSError as e:
-                if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-                    raise
-        else:
-            return self._matrices(table)  # nowhere to write: search from memory
-        try:
-            videos = json.loads((cache / "videos.json").read_text())
-            return SearchMatrices(videos["paths"], videos["hashes"], np.load(cache / "proto_clip.npy", mmap_mode="r"),
-                                  np.load(cache / "proto_frame.npy", mmap_mode="r"))
-        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
-            shutil.rmtree(cache, ignore_errors=True)  # damaged cache: rebuild from the table
-            self._build_cache(table, cache)
-            return self.search_matrices()
-
-    def _cache_folders(self) -> list[Path]:
-        """Where search matrices may be kept: in the index, else (read-only index) in the caller's cache folder."""
         folders = [self.root / "cache"]
-        if self.cache_dir is not None:
+        if self.cache_dir is not None:  # where a read-only index keeps them: a folder per index, by its path
             folders.append(Path(self.cache_dir) / hashlib.sha1(str(self.root).encode()).hexdigest()[:16])
-        return folders
-
-    def _matrices(self, table) -> "SearchMatrices":
-        data = table.to_arrow().select(["path", "content_hash", "proto_clip", "proto_frame"])
-        dim = int(self.meta["proto_dim"])
-        arrays = {}
-        for col in ("proto_clip", "proto_frame"):
-            arr = data[col].combine_chunks()
-            counts = np.diff(arr.offsets.to_numpy())
-            if len(set(counts.tolist())) > 1:
-                raise CorruptError(f"index {self.root}: videos have different prototype counts; run `prvr reindex`")
-            arrays[col] = arr.flatten().flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(
-                len(arr), int(counts[0]), dim)
-        return SearchMatrices(data["path"].to_pylist(), data["content_hash"].to_pylist(), arrays["proto_clip"],
-                              arrays["proto_frame"])
-
-    def _build_cache(self, table, cache: Path) -> None:
-        m = self._matrices(table)
-        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            tmp.mkdir(parents=True)
-            np.save(tmp / "proto_clip.npy", m.clip)
-            np.save(tmp / "proto_frame.npy", m.frame)
-            (tmp / "videos.json").write_text(json.dumps({"paths": m.paths, "hashes": m.hashes}))
-            try:
-                os.replace(tmp, cache)
-            except OSError:
-                if not (cache / "videos.json").exists():
-                    raise
-                shutil.rmtree(tmp)  # another search built it at the same moment
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskError(f"no space left on the device holding {self.root} for the search cache; "
-                                "free space and run again") from e
-            raise
-        for old in cache.parent.glob("videos-v*"):
-            if old != cache and ".tmp" not in old.name:
-                shutil.rmtree(old, ignore_errors=True)
-
-
-class SearchMatrices(NamedTuple):
-    """What a search scores: per video its path and content hash, and its prototypes per branch [N, Lp, D]."""
-
-    paths: list[str]
-    hashes: list[str]
-    clip: np.ndarray
-    frame: np.ndarray
-
-
-def to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
-    """Rows of numpy arrays and scalars -> an Arrow table, building list columns without Python lists."""
-    columns = []
-    for f in schema:
-        values = [r[f.name] for r in rows]
-        if pa.types.is_list(f.type):
-            inner = f.type.value_type
-            arrays = [np.asarray(v) for v in values]
-            offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int32)
-            if pa.types.is_fixed_size_list(inner):
-                leaf = inner.value_type.to_pandas_dtype()
-                flat = np.concatenate([a.reshape(-1) for a in arrays]).astype(leaf) if arrays else np.zeros(0, leaf)
-                child = pa.FixedSizeListArray.from_arrays(pa.array(flat), inner.list_size)
-            else:
-                leaf = inner.to_pandas_dtype()
-                child = pa.array(np.concatenate(arrays).astype(leaf) if arrays else np.zeros(0, leaf))
-            columns.append(pa.ListArray.from_arrays(pa.array(offsets), child).cast(f.type))
-        else:
-            columns.append(pa.array(values, type=f.type))
-    return pa.Table.from_arrays(columns, schema=schema)
-
-
-def describe_builder(spec: dict | None) -> str:
-    if not spec:
-        return "nothing"
-    if spec.get("kind") == "zero-shot":
-        return "the zero-shot CLIP builder (no --model)"
-    return f"model {spec.get('checkpoint')} ({spec.get('method')})"
+        return load_matrices(table, int(self.meta["proto_dim"]), folders)

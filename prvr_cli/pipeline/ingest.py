@@ -21,8 +21,9 @@ import numpy as np
 
 from .decode import VideoInfo, decode_frames
 from .discover import content_hash
-from ..errors import DecodeError, PrvrError
-from ..index.store import Index, VideoRecord
+from ..errors import DecodeError
+from ..index.rows import VideoRecord
+from ..index.store import Index
 
 
 @dataclass

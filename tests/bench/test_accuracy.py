@@ -8,7 +8,7 @@ import torch
 
 from prvr_cli.bench import accuracy as bench_accuracy
 from prvr_cli.bench.common import matching_flops
-from prvr_cli.training.datasets import load_features
+from prvr_cli.training.feature_layouts import load_features
 from prvr_cli.errors import DataError
 
 from tests.helpers import synthetic, write_h5_dataset

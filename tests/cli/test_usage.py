@@ -62,12 +62,12 @@ def test_ctrl_c_while_reading_queries_says_interrupted_not_videos_kept(tmp_path)
 
 
 def test_ctrl_c_in_train_points_at_resume(cli, monkeypatch, tmp_path):
-    import prvr_cli.training.datasets as datasets
+    import prvr_cli.training.feature_layouts as feature_layouts
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(datasets, "load_features", interrupted)
+    monkeypatch.setattr(feature_layouts, "load_features", interrupted)
     code, out, err = cli("train", "--out", tmp_path / "run", "--data", tmp_path, "--collection", "anet",
                          index=False)
     assert code == 130

@@ -460,7 +460,7 @@ def test_disk_full_through_a_write_hook(cli, tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(cli.index / "index.json.tmp"))
 
-    monkeypatch.setattr(store.Index, "_write_meta", staticmethod(full))
+    monkeypatch.setattr(store, "write_meta", full)
     code, _, err = cli("reindex", "--model", "zero-shot")
     no_traceback(err)
     assert code == ExitCode.DISK and "no space left" in err

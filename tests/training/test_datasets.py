@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from prvr_cli.training import datasets
-from prvr_cli.training.datasets import Packed, detect_layout, load_features, load_h5, load_index, load_mssl
+from prvr_cli.training.datasets import Packed
+from prvr_cli.training.feature_layouts import detect_layout, load_features, load_h5, load_mssl
+from prvr_cli.training.own_videos import load_index
 from prvr_cli.errors import DataError
 from prvr_cli.training.evaluate import gt_ranks, ranking, recall_metrics, score_matrix
 from tests.helpers import (TEXT_DIM, VIDEO_DIM, synthetic, write_captions, write_h5_dataset,

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from prvr_cli.nets import factory
 from prvr_cli.nets.config import Settings
 from prvr_cli.cli.train import parse_sets, train_command
-from prvr_cli.training.datasets import load_features
+from prvr_cli.training.feature_layouts import load_features
 from prvr_cli.errors import DataError, UsageError
 from prvr_cli.training.evaluate import evaluate
 from prvr_cli.nets.factory import load_checkpoint

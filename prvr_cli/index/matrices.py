@@ -1,0 +1,98 @@
+"""The search matrices: every video's prototypes per branch as one float32 array, cached per table version.
+
+A search scores these without parsing the table. The cache is memory-mapped and rebuilt
+automatically after any write. It holds float32, twice the table's fp16: converting fp16 on
+every query cost about five times the matrix product itself (see docs/benchmarks.md). The
+first folder that can be written holds it; with none (a read-only index and no cache folder),
+the matrices are built in memory for this search only.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from ..errors import CorruptError, DiskError
+
+CACHE_KIND = "f32-2"  # the layout: float32 prototypes, videos.json with paths and content hashes
+
+
+class SearchMatrices(NamedTuple):
+    """What a search scores: per video its path and content hash, and its prototypes per branch [N, Lp, D]."""
+
+    paths: list[str]
+    hashes: list[str]
+    clip: np.ndarray
+    frame: np.ndarray
+
+
+def load_matrices(table, proto_dim: int, folders: list[Path]) -> SearchMatrices:
+    """The matrices of `table` at its version, from the first of `folders` that holds or can hold them."""
+    for folder in folders:
+        cache = folder / f"videos-v{table.version}-{CACHE_KIND}"
+        if (cache / "videos.json").exists():
+            break
+        try:
+            _build_cache(table, proto_dim, cache)
+            break
+        except DiskError:
+            return _read_table(table, proto_dim)  # disk full: search from memory, without a cache
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+    else:
+        return _read_table(table, proto_dim)  # nowhere to write: search from memory
+    try:
+        videos = json.loads((cache / "videos.json").read_text())
+        return SearchMatrices(videos["paths"], videos["hashes"], np.load(cache / "proto_clip.npy", mmap_mode="r"),
+                              np.load(cache / "proto_frame.npy", mmap_mode="r"))
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
+        shutil.rmtree(cache, ignore_errors=True)  # damaged cache: rebuild from the table
+        # a damaged cache that cannot be removed (a read-only index): use the other folders
+        return load_matrices(table, proto_dim, [f for f in folders if f != folder] if cache.exists() else folders)
+
+
+def _read_table(table, dim: int) -> SearchMatrices:
+    data = table.to_arrow().select(["path", "content_hash", "proto_clip", "proto_frame"])
+    arrays = {}
+    for col in ("proto_clip", "proto_frame"):
+        arr = data[col].combine_chunks()
+        counts = np.diff(arr.offsets.to_numpy())
+        if len(set(counts.tolist())) > 1:
+            raise CorruptError("the index's videos have different prototype counts; run `prvr reindex`")
+        arrays[col] = arr.flatten().flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(
+            len(arr), int(counts[0]), dim)
+    return SearchMatrices(data["path"].to_pylist(), data["content_hash"].to_pylist(), arrays["proto_clip"],
+                          arrays["proto_frame"])
+
+
+def _build_cache(table, dim: int, cache: Path) -> None:
+    """Write the matrices into `cache` atomically (a temporary folder renamed), then drop older versions'."""
+    m = _read_table(table, dim)
+    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        np.save(tmp / "proto_clip.npy", m.clip)
+        np.save(tmp / "proto_frame.npy", m.frame)
+        (tmp / "videos.json").write_text(json.dumps({"paths": m.paths, "hashes": m.hashes}))
+        try:
+            os.replace(tmp, cache)
+        except OSError:
+            if not (cache / "videos.json").exists():
+                raise
+            shutil.rmtree(tmp)  # another search built it at the same moment
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskError(f"no space left on the device holding {cache.parent} for the search cache; "
+                            "free space and run again") from e
+        raise
+    for old in cache.parent.glob("videos-v*"):
+        if old != cache and ".tmp" not in old.name:
+            shutil.rmtree(old, ignore_errors=True)

@@ -22,9 +22,13 @@ class ExitCode:
 
 
 class PrvrError(Exception):
-    """An error with a one-line message for the user and an exit code."""
+    """An error with a one-line message for the user and an exit code (a subclass names its code)."""
 
     exit_code = ExitCode.INTERNAL
+
+    def __init_subclass__(cls, exit_code: int = ExitCode.INTERNAL, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.exit_code = exit_code
 
     def __init__(self, message: str, exit_code: int | None = None):
         super().__init__(message)
@@ -32,39 +36,37 @@ class PrvrError(Exception):
             self.exit_code = exit_code
 
 
-class UsageError(PrvrError):
-    exit_code = ExitCode.USAGE
+class UsageError(PrvrError, exit_code=ExitCode.USAGE):
+    """A bad flag, argument or config value."""
 
 
-class IndexMissingError(PrvrError):
-    exit_code = ExitCode.NO_INDEX
+class IndexMissingError(PrvrError, exit_code=ExitCode.NO_INDEX):
+    """No index at that place, or an empty one."""
 
 
-class MismatchError(PrvrError):
-    exit_code = ExitCode.MISMATCH
+class MismatchError(PrvrError, exit_code=ExitCode.MISMATCH):
+    """The index was built with another encoder or model than the one asked for."""
 
 
-class LockedError(PrvrError):
-    exit_code = ExitCode.LOCKED
+class LockedError(PrvrError, exit_code=ExitCode.LOCKED):
+    """Another prvr process is writing the index."""
 
 
-class CorruptError(PrvrError):
-    exit_code = ExitCode.CORRUPT
+class CorruptError(PrvrError, exit_code=ExitCode.CORRUPT):
+    """An index or checkpoint is unreadable, or was written by a newer prvr."""
 
 
-class WeightsError(PrvrError):
-    exit_code = ExitCode.WEIGHTS
+class WeightsError(PrvrError, exit_code=ExitCode.WEIGHTS):
+    """CLIP weights cannot be loaded (not cached, no network)."""
 
 
-class DataError(PrvrError):
-    exit_code = ExitCode.DATA
+class DataError(PrvrError, exit_code=ExitCode.DATA):
+    """Bad training data: a missing file, captions without features, mismatched dims."""
 
 
-class DiskError(PrvrError):
-    exit_code = ExitCode.DISK
+class DiskError(PrvrError, exit_code=ExitCode.DISK):
+    """Out of disk space, or a write failed."""
 
 
-class DecodeError(PrvrError):
+class DecodeError(PrvrError, exit_code=ExitCode.PARTIAL):
     """One input video could not be decoded; ingest reports it and moves on."""
-
-    exit_code = ExitCode.PARTIAL

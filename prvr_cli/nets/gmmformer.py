@@ -80,11 +80,8 @@ class GMMFormer(WeightedBranchModel):
     Config = GMMFormerConfig
 
     def __init__(self, video_dim: int, text_dim: int, cfg: GMMFormerConfig | dict | None = None):
-        super().__init__()
-        cfg = self.typed_config(cfg)
-        self.video_dim, self.text_dim = video_dim, text_dim
-        self.cfg = cfg
-        self.output_dim = cfg.hidden_size
+        super().__init__(video_dim, text_dim, cfg)
+        cfg = self.cfg
         D, drop, in_drop, heads = cfg.hidden_size, cfg.dropout, cfg.input_dropout, cfg.n_heads
         n_w = len(cfg.gauss_widths)
         self.query_encoder = QueryEncoder(text_dim, cfg)

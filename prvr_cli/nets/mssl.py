@@ -135,11 +135,8 @@ class MSSL(WeightedBranchModel):
     Config = MSSLConfig
 
     def __init__(self, video_dim: int, text_dim: int, cfg: MSSLConfig | dict | None = None):
-        super().__init__()
-        cfg = self.typed_config(cfg)
-        self.video_dim, self.text_dim = video_dim, text_dim
-        self.cfg = cfg
-        self.output_dim = cfg.hidden_size
+        super().__init__(video_dim, text_dim, cfg)
+        cfg = self.cfg
         D, drop, in_drop = cfg.hidden_size, cfg.dropout, cfg.input_dropout
         self.query_encoder = QueryEncoder(text_dim, cfg)
         self.clip_proj = layers.InputProjection(video_dim, D, in_drop)

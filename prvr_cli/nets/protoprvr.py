@@ -170,10 +170,8 @@ class ProtoPRVR(RetrievalModel):
     Config = ProtoPRVRConfig
 
     def __init__(self, video_dim: int, text_dim: int, cfg: ProtoPRVRConfig | dict | None = None):
-        super().__init__()
-        cfg = self.typed_config(cfg)
-        self.cfg, self.video_dim, self.text_dim = cfg, video_dim, text_dim
-        self.output_dim = cfg.hidden_size  # prototypes and query vectors live in the hidden space
+        super().__init__(video_dim, text_dim, cfg)
+        cfg = self.cfg
         hidden, heads, ff_dim, dropout = cfg.hidden_size, cfg.n_heads, cfg.ff_size or cfg.hidden_size, cfg.dropout
         n_prototypes, iterations = cfg.n_prototypes, cfg.iterations
         self.max_frames, self.n_clips, self.max_words = cfg.max_frames, cfg.n_clips, cfg.max_query_tokens

@@ -73,10 +73,12 @@ class RetrievalModel(nn.Module):
     method: str = ""
     Config: type = BranchModelConfig
 
-    @classmethod
-    def typed_config(cls, cfg) -> BranchModelConfig:
-        """`cfg` as this method's Config: a Config already, or a dict (or None: the defaults) checked key by key."""
-        return cfg if isinstance(cfg, cls.Config) else cls.Config.from_dict(cfg, f"{cls.method} model")
+    def __init__(self, video_dim: int, text_dim: int, cfg=None):
+        """Feature dims from the data; `cfg` a Config, or a dict (None: the defaults) checked key by key."""
+        super().__init__()
+        self.video_dim, self.text_dim = video_dim, text_dim
+        self.cfg = cfg if isinstance(cfg, self.Config) else self.Config.from_dict(cfg, f"{self.method} model")
+        self.output_dim = getattr(self.cfg, "hidden_size", None)  # where stored and query vectors live
 
     def encode_videos(self, frames: torch.Tensor, frame_mask: torch.Tensor) -> VideoEncoding:
         raise NotImplementedError

@@ -111,16 +111,24 @@ def load_h5(root: Path, coll: str, feat: str, text_feature: str | None = None, s
     for path, what in ((video_file, "video feature"), (text_file, "text feature")):
         if not path.is_file():
             raise DataError(f"{what} file {path} not found; check --data/--collection/--feature")
-    files = caption_files(base / "TextData", coll)
+    return _with_captions(root, coll, feat, "h5", seed, text_file, video_file,
+                          lambda wanted: read_h5(video_file, wanted, "video feature", aliases=video_id_aliases))
+
+
+def _with_captions(root: Path, coll: str, feat: str, layout: str, seed: int, text_file: Path, video_where: Path,
+                   read_videos) -> PRVRData:
+    """Every split's captions with their token features (`text_file`) and their videos' features
+    (`read_videos(ids)`, read from `video_where`), checked and assembled."""
+    files = caption_files(Path(root) / coll / "TextData", coll)
     split_caps = split_with_val(files, seed)
     cap_origin, video_origin = origins(split_caps, files)
-    videos = read_h5(video_file, video_origin, "video feature", aliases=video_id_aliases)
-    require(video_origin, videos, "video", str(video_file))
+    videos = read_videos(video_origin)
+    require(video_origin, videos, "video", str(video_where))
     tokens = read_h5(text_file, cap_origin, "text feature")
     require(cap_origin, tokens, "caption", str(text_file))
-    source = {"layout": "h5", "root": str(Path(root).resolve()), "collection": coll, "feature": feat,
+    source = {"layout": layout, "root": str(Path(root).resolve()), "collection": coll, "feature": feat,
               "text_feature": text_file.name}
-    return assemble(split_caps, videos, tokens, source, str(video_file), str(text_file))
+    return assemble(split_caps, videos, tokens, source, str(video_where), str(text_file))
 
 
 def text_path(base: Path, name: str) -> Path:
@@ -177,16 +185,8 @@ def load_mssl(root: Path, coll: str, feat: str, text_feature: str | None = None,
         raise DataError(f"{v2f_file} is not a Python dict literal (video id -> frame ids): {e}") from e
     if not isinstance(video_frames, dict):
         raise DataError(f"{v2f_file} must hold a dict literal mapping video id -> list of frame ids")
-    files = caption_files(base / "TextData", coll)
-    split_caps = split_with_val(files, seed)
-    cap_origin, video_origin = origins(split_caps, files)
-    videos = read_bigfile(feat_dir, video_frames, video_origin)
-    require(video_origin, videos, "video", str(v2f_file))
-    tokens = read_h5(text_file, cap_origin, "text feature")
-    require(cap_origin, tokens, "caption", str(text_file))
-    source = {"layout": "mssl", "root": str(Path(root).resolve()), "collection": coll, "feature": feat,
-              "text_feature": text_file.name}
-    return assemble(split_caps, videos, tokens, source, str(feat_dir), str(text_file))
+    return _with_captions(root, coll, feat, "mssl", seed, text_file, v2f_file,
+                          lambda wanted: read_bigfile(feat_dir, video_frames, wanted))
 
 
 # ---------------------------------------------------------------------------- entry point

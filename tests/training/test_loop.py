@@ -38,9 +38,8 @@ class TinyModel(RetrievalModel):
     Config = TinyConfig
 
     def __init__(self, video_dim, text_dim, cfg=None):
-        super().__init__()
-        cfg = self.typed_config(cfg)
-        self.video_dim, self.text_dim = video_dim, text_dim
+        super().__init__(video_dim, text_dim, cfg)
+        cfg = self.cfg
         self.video = nn.Linear(video_dim, cfg.dim)
         self.text = nn.Linear(text_dim, cfg.dim)
         self.drop = nn.Dropout(cfg.dropout)

@@ -82,7 +82,9 @@ def test_storage_synthetic_is_well_formed():
     eff = res["synthetic_protoprvr"]["effect"]
     assert eff["float32"]["max_abs_score_error"] == 0.0 and eff["float32"]["recall@10_overlap"] == 1.0
     assert 0 < eff["float16"]["max_abs_score_error"] < eff["int8"]["max_abs_score_error"] < 0.05
-    assert 0 <= eff["int8"]["recall@10_overlap"] <= 1
+    # float16 is what an index stores: its ranking must match float32's; int8 may move a few near-ties
+    assert eff["float16"]["recall@10_overlap"] >= 0.99 and eff["float16"]["top1_agreement"] >= 0.95
+    assert eff["int8"]["recall@10_overlap"] >= 0.9 and eff["int8"]["top1_agreement"] >= 0.75
 
 
 def test_bench_ingest_on_two_tiny_videos(tmp_path):

@@ -164,7 +164,17 @@ def test_real_clips_ingest_and_search(cli, shared_videos):
     # 3 frames per second over 6.6 to 18 s clips
     assert 8 * 6 * 3 <= summary["frames"] <= 8 * 18 * 3 + 8
     code, out, _ = cli("search", "a woman applying eye makeup", "-k", "8", "--json")
-    assert code == 0 and len(json.loads(out)["results"]) == 8
+    hits = json.loads(out)["results"]
+    # every clip once, ranked 1..8 by falling score, each with highlights inside its duration
+    assert code == 0 and sorted(h["path"] for h in hits) == sorted(str(p) for p in shared_videos.iterdir()
+                                                                   if p.suffix in (".mp4", ".avi"))
+    assert [h["rank"] for h in hits] == list(range(1, 9))
+    assert all(a["score"] >= b["score"] for a, b in zip(hits, hits[1:]))
+    assert all(h["highlights"] and all(0 <= r["start"] < r["end"] <= h["duration"] for r in h["highlights"])
+               for h in hits)
+    # a smaller k is the head of the same ranking
+    code, out, _ = cli("search", "a woman applying eye makeup", "-k", "3", "--json")
+    assert [h["path"] for h in json.loads(out)["results"]] == [h["path"] for h in hits[:3]]
 
 
 def test_trained_model_ingest_and_reindex_round_trip(cli, videos, tmp_path):

@@ -266,7 +266,8 @@ def test_kill_9_during_ingest_twenty_times(zygote, cli, tmp_path):
     def start(**kwargs):
         """Spawn an ingest and return once it holds the lock (start-up done: it is about to plan and work)."""
         child = zygote.spawn(ingest_argv(index, lib), **kwargs)
-        wait_for(lambda: lock_holder(index) == str(child.pid) or child.err.count("indexed"), 120, 0.01)
+        assert wait_for(lambda: lock_holder(index) == str(child.pid) or child.err.count("indexed"), 120, 0.01), \
+            child.err
         return child, time.monotonic()
 
     # one uninterrupted run of 8 videos measures how long the work takes once started
@@ -290,7 +291,7 @@ def test_kill_9_during_ingest_twenty_times(zygote, cli, tmp_path):
         versions = n_versions()
         child, _ = start()
         if r % 2:  # while writing: once this run has committed its first frames, at a random moment after
-            wait_for(lambda: n_versions() > versions or child.err.count("indexed"), 60, 0.005)
+            assert wait_for(lambda: n_versions() > versions or child.err.count("indexed"), 60, 0.005), child.err
             delay, phase = rng.uniform(0.0, 0.5), "write"
         else:  # from planning through decoding and encoding the first videos
             delay, phase = rng.uniform(0.0, work * 0.6), "work"

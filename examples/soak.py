@@ -40,9 +40,9 @@ def main() -> int:
     args = ap.parse_args()
 
     from prvr_cli.cli import main as prvr
-    from prvr_cli.ingest import content_hash
-    from prvr_cli.store import Index
-    from tests.conftest import PALETTE, make_video
+    from prvr_cli.pipeline.discover import content_hash
+    from prvr_cli.index.store import Index
+    from tests.helpers import PALETTE, make_video
 
     rng = random.Random(args.seed)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="prvr-soak-"))

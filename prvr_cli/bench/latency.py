@@ -175,7 +175,7 @@ def bench_search(sizes: list[int], methods: list[str], n_queries: int = 32, repe
                     cell, check = _lancedb_cell(store["clip"], q_all, n, repeats, cell_budget_s, progress)
                     cells.append(cell)
                     checks.append(check)
-            del store
+            store = None  # free this corpus before the next one is generated
     return {"cells": [c.as_dict() for c in cells], "ratios": _ratios(cells), "lancedb_checks": checks,
             "bytes_per_video": {m: {"model_vectors": model_vectors(m, frames),
                                     "model_bytes_fp16": bytes_per_video(m, "float16", frames=frames),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import IndexMissingError, MismatchError, UsageError
 from .index.search import Hit, attach_highlights, rank
-from .index.meta import describe_builder
+from .index.meta import META_FILE, describe_builder
 from .index.store import Index
 from .pipeline.discover import Discovered, discover
 from .devices import resolve_device
@@ -78,15 +78,17 @@ class Library:
         found = discover(paths, glob)
         if not found.files and not prune:
             return IngestReport(found)  # nothing to do: no index is made, no encoder loaded
+        device, encoder = resolve_device(self.device), None
+        if not (self.root / META_FILE).is_file():  # a new index: made only once its encoder has loaded
+            encoder = FrameTextEncoder.load(clip_model or DEFAULT_CLIP_MODEL, clip_pretrained or
+                                            DEFAULT_CLIP_PRETRAINED, device, cache_dir=str(self.cache / "clip"))
         idx = self.index(create=True)
         with idx.lock(wait=wait):
             encoder_source = self._encoder_source(idx, clip_model, clip_pretrained, default_weights=True)
             model = model if model is not None else idx.recorded_model()
-            device = resolve_device(self.device)
             idx.repair()
             plan = make_plan(found.files, idx.file_states(), prune, workers)
-            encoder = None
-            if plan.encode or not idx.encoder_spec:
+            if encoder is None and (plan.encode or not idx.encoder_spec):
                 encoder = FrameTextEncoder.load(*encoder_source, device, cache_dir=str(self.cache / "clip"))
             enc_spec = encoder.spec() if encoder else idx.encoder_spec
             self._check_encoder(idx, enc_spec)

@@ -94,3 +94,19 @@ def test_identical_copies_are_one_hit_unless_asked(cli, videos):
     assert len(set(scores)) == 1                                 # the copies score the same
     code, out, _ = cli("search", "blue", "-k", "2", "--jsonl")   # -k counts collapsed hits
     assert len(out.splitlines()) == 2
+
+
+def test_an_encoder_that_cannot_load_leaves_no_index_behind(cli, videos, monkeypatch):
+    """No CLIP weights (exit 8) on a first ingest: no empty index is left to confuse the next command."""
+    from prvr_cli.errors import WeightsError
+    from prvr_cli.pipeline.encode import FrameTextEncoder
+
+    def no_weights(*args, **kwargs):
+        raise WeightsError("CLIP weights ViT-B-32/openai are not cached and could not be downloaded (no network?)")
+
+    monkeypatch.setattr(FrameTextEncoder, "load", no_weights)
+    code, _, err = cli("ingest", videos, "--quiet")
+    assert code == ExitCode.WEIGHTS and "not cached" in err
+    assert not cli.index.exists()
+    code, _, err = cli("info")
+    assert code == ExitCode.NO_INDEX

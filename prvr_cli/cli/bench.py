@@ -202,3 +202,41 @@ def accuracy_cmd(
                           _int_list(prototypes, "--prototypes"), _names(tables), epochs, batch_videos, train_videos,
                           seed, device, plots, Console(stderr=True, soft_wrap=True, highlight=False))
     write_line(json.dumps(result) if as_json else accuracy.markdown(result))
+
+
+@bench_app.command("train")
+def train_cmd(
+    data: Path = typer.Option(..., "--data", help="Root of a pre-extracted dataset (h5 or MS-SL layout)."),
+    collection: str = typer.Option(..., "--collection", help="Collection under --data, e.g. anet."),
+    feature: str = typer.Option("cg", "--feature", help="Video feature name."),
+    preset: str = typer.Option("protoprvr_anet", "--preset", help="Model preset name or path to a .json config."),
+    batch_videos: Optional[int] = typer.Option(None, "--batch-videos", help="Videos per step [default: the preset's]."),
+    sets: list[str] = typer.Option([], "--set", help="Override a config key, repeatable: train.autocast=bf16"),
+    steps: int = typer.Option(20, "--steps", help="Timed steps (median reported)."),
+    warmup: int = typer.Option(3, "--warmup", help="Untimed steps first."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    profile: bool = typer.Option(False, "--profile", help="Also list torch operators by their own CPU time."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+):
+    """Milliseconds per training step (forward, backward, update) and per batch preparation, for one config."""
+    from ..bench.train_step import bench_train_step
+    from ..devices import resolve_device
+    from ..nets.factory import canonical, load_config, override
+    from ..training.feature_layouts import load_features
+    from .train import parse_sets
+
+    overrides = {**parse_sets(sets), **({"train.batch_videos": batch_videos} if batch_videos else {})}
+    config = canonical(override(load_config(preset), overrides))
+    _say(f"loading {data} ({collection}/{feature})")
+    dataset = load_features(data, collection, feature, seed=seed)
+    res = bench_train_step(dataset, config, resolve_device(device), steps, warmup, seed, profile)
+    if as_json:
+        write_line(json.dumps(res))
+        return
+    write_line(f"{res['method']} ({res['preset']}) on {res['device']}, {res['batch_videos']} videos per step, "
+               f"{res['torch_threads']} threads: step {res['step_ms']} ms (min-max {res['step_ms_min_max']}), "
+               f"batch preparation {res['prepare_ms']} ms; median of {res['steps']} steps")
+    write_line(f"load average {res['load_average']}")
+    if res["profile"]:
+        write_line(res["profile"])

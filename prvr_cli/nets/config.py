@@ -81,10 +81,13 @@ class TrainConfig(Settings):
     max_epochs: int = 100
     patience: int = 10
     grad_clip: float = 1.0
+    autocast: str = "off"         # "bf16": forward and backward matrix products in bfloat16 (evaluation stays float32)
 
     def __post_init__(self):
         if self.optimizer != "adamw":
             raise UsageError(f"train.optimizer {self.optimizer!r} is not supported; use 'adamw'")
+        if self.autocast not in ("off", "bf16"):
+            raise UsageError(f"train.autocast {self.autocast!r} is not supported; use 'off' or 'bf16'")
         if self.schedule not in ("linear", "constant"):
             raise UsageError(f"train.schedule {self.schedule!r} is not supported; use 'linear' or 'constant'")
         for key in ("batch_videos", "max_epochs"):

@@ -207,18 +207,11 @@ class Trainer:
         task = progress.add_task(f"epoch {self.epoch + 1}/{self.settings.max_epochs}", total=self.steps_per_epoch,
                                  loss="")
         sums, steps = {}, 0
-        clip = float(self.settings.grad_clip or 0)
         for batch in epoch_batches(train, int(self.settings.batch_videos), self.seed, self.epoch):
-            loss, terms = self.model(batch.to(self.device))
+            loss, terms = self.step(batch)
             if not torch.isfinite(loss):
                 raise PrvrError(f"training loss became {loss.item()} at epoch {self.epoch + 1}, step {steps + 1}; "
                                 "lower --lr or check the features", exit_code=1)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-            self.optimizer.step()
-            self.scheduler.step()
             steps += 1
             for k, v in {"loss": loss.item(), **terms}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
@@ -228,6 +221,19 @@ class Trainer:
                                    f"loss {sums['loss'] / steps:.4f}")  # a log file gets no live bar
         progress.remove_task(task)
         return {k: v / steps for k, v in sums.items()}
+
+    def step(self, batch: TrainBatch) -> tuple[torch.Tensor, dict]:
+        """One optimiser step on `batch`: forward, backward, gradient clipping, update, schedule."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.settings.autocast == "bf16"):
+            loss, terms = self.model(batch.to(self.device))
+        if torch.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.settings.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.settings.grad_clip))
+            self.optimizer.step()
+            self.scheduler.step()
+        return loss, terms
 
     def run(self) -> dict:
         """Train until max_epochs or early stop, then score the best checkpoint on test."""

@@ -136,3 +136,22 @@ def test_storage_on_a_checkpoint_reports_sumr_per_type(tmp_path, method):
     assert kinds["int8"]["bytes_per_video"] < kinds["float16"]["bytes_per_video"] < kinds["float32"]["bytes_per_video"]
     for k in kinds.values():
         assert 0 <= k["metrics"]["SumR"] <= 400
+
+
+def test_bench_train_times_real_steps_and_profiles_them(cli, tmp_path):
+    """`prvr bench train` runs the loop's own steps on real batches; the profile names torch operators."""
+    from tests.helpers import write_h5_dataset
+
+    write_h5_dataset(tmp_path / "data")
+    code, out, err = cli("bench", "train", "--data", tmp_path / "data", "--collection", "toy", "--steps", "2",
+                         "--warmup", "1", "--batch-videos", "8", "--device", "cpu", "--profile", "--json",
+                         "--set", "model.hidden_size=16", "--set", "model.n_heads=2", "--set", "model.ff_size=16",
+                         index=False)
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["method"] == "protoprvr" and res["batch_videos"] == 8 and res["steps"] == 2
+    assert res["step_ms"] > 0 and res["prepare_ms"] >= 0 and res["step_ms_min_max"][0] <= res["step_ms"]
+    assert "aten::" in res["profile"]
+    code, _, err = cli("bench", "train", "--data", tmp_path / "data", "--collection", "toy", "--steps", "500",
+                       "--batch-videos", "8", "--device", "cpu", index=False)
+    assert code == 2 and "fewer --steps" in err

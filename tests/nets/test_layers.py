@@ -37,3 +37,16 @@ def test_span_to_token_rows_sum_to_one():
     assert m.shape == (528, 32)
     assert torch.allclose(m.sum(-1), torch.ones(528))
     assert m[527].eq(1 / 32).all()
+
+
+def test_span_means_are_the_direct_means_and_differentiate_as_them():
+    from prvr_cli.nets.layers import span_index, span_means
+
+    x = torch.randn(3, 7, 5, dtype=torch.float64, requires_grad=True)
+    start, end = span_index(7)
+    direct = torch.stack([x[:, s:e + 1].mean(1) for s, e in zip(start.tolist(), end.tolist())], 1)
+    assert torch.allclose(span_means(x), direct)
+    g = torch.randn_like(direct)
+    (grad_fast,) = torch.autograd.grad(span_means(x), x, g)
+    (grad_direct,) = torch.autograd.grad(direct, x, g)
+    assert torch.allclose(grad_fast, grad_direct)

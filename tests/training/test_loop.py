@@ -308,3 +308,17 @@ def test_a_preset_file_with_a_typo_is_refused(cli, toy, tmp_path):
     code, _, err = cli("train", "--data", root, "--collection", "toy", "--out", tmp_path / "run", "--preset", path,
                        index=False)
     assert code == 2 and "hiden" in err and "hidden" in err
+
+
+def test_bf16_autocast_trains_and_unknown_modes_are_refused(toy, tmp_path):
+    _, data = toy
+    config = factory.override(factory.load_config("protoprvr_anet"), {
+        "model.hidden_size": 32, "model.ff_size": 32, "model.n_heads": 2, "model.n_clips": 8,
+        "model.n_prototypes": 4, "train.max_epochs": 2, "train.batch_videos": 16, "train.lr": 2e-3,
+        "train.autocast": "bf16"})
+    summary = train(config, data, tmp_path / "run", device="cpu", seed=0)
+    losses = [h["losses"]["loss"] for h in summary["history"]]
+    assert all(torch.isfinite(torch.tensor(losses))) and summary["test"]["SumR"] > 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["config"]["train"]["autocast"] == "bf16"
+    with pytest.raises(UsageError, match="train.autocast 'fp8' is not supported"):
+        factory.canonical(factory.override(config, {"train.autocast": "fp8"}))

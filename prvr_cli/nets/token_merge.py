@@ -1,0 +1,59 @@
+"""Order-preserving token merging (MSC, "Mitigating Semantic Collapse in PRVR", NeurIPS 2025).
+
+Instead of averaging frames into clips over fixed bins, neighbours that look alike are merged:
+each step pairs tokens (0, 1), (2, 3), ... and merges the pairs whose two members are most
+similar (dot product), as a size-weighted average, until the sequence has the target length.
+Order is kept (a merged pair sits where the pair was), so clip tokens stay in time order, and
+each token remembers how many frames it covers (its size) and which frames map to it.
+
+The schedule 128 -> 80 -> 52 -> 32 turns 128 uniformly averaged frames into the 32 clip tokens.
+A token's size enters attention as a +log(size) bias (proportional attention), so a merged token
+counts for the frames it stands for.
+"""
+from __future__ import annotations
+
+import torch
+
+MSC_SCHEDULE = (80, 52, 32)
+
+
+def merge_adjacent_pairs(tokens: torch.Tensor, sizes: torch.Tensor, frame_map: torch.Tensor,
+                         target: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One merging step: tokens [B, N, D] (N even) with sizes [B, N] -> `target` tokens.
+
+    The N/2 disjoint pairs (2i, 2i+1) are ranked by the dot product of their two tokens; the
+    N - target most similar are merged (ties: the earlier pair first). `frame_map` [B, F] says which
+    token each original frame belongs to; the returned map points into the merged sequence.
+    """
+    n_batch, n, dim = tokens.shape
+    if n % 2 or not n // 2 <= target <= n:
+        raise ValueError(f"cannot merge {n} tokens into {target} by adjacent pairs")
+    pairs = tokens.view(n_batch, n // 2, 2, dim)
+    pair_sizes = sizes.view(n_batch, n // 2, 2)
+    similarity = (pairs[:, :, 0] * pairs[:, :, 1]).sum(-1)                             # [B, N/2]
+    order = torch.argsort(similarity, dim=1, descending=True, stable=True)
+    merged = torch.zeros(n_batch, n // 2, dtype=torch.bool, device=tokens.device)
+    merged.scatter_(1, order[:, :n - target], True)
+    weights = pair_sizes / pair_sizes.sum(-1, keepdim=True)                             # [B, N/2, 2]
+    average = (pairs * weights.unsqueeze(-1)).sum(2)                                    # [B, N/2, D]
+    first = torch.where(merged.unsqueeze(-1), average, pairs[:, :, 0])
+    slots = torch.stack([first, pairs[:, :, 1]], 2).view(n_batch, n, dim)
+    slot_sizes = torch.stack([torch.where(merged, pair_sizes.sum(-1), pair_sizes[:, :, 0]), pair_sizes[:, :, 1]],
+                             2).view(n_batch, n)
+    kept = torch.stack([torch.ones_like(merged), ~merged], 2).view(n_batch, n)          # a merged pair's 2nd slot goes
+    new_index = kept.long().cumsum(1) - 1                                               # slot -> its merged token
+    keep = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)[:, :target]        # kept slots, in order
+    out = slots.gather(1, keep.unsqueeze(-1).expand(-1, -1, dim))
+    return out, slot_sizes.gather(1, keep), new_index.gather(1, frame_map)
+
+
+def order_preserving_merge(frames: torch.Tensor, schedule=MSC_SCHEDULE) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor]:
+    """Frames [B, N, D] merged step by step to schedule[-1] tokens: (tokens, sizes [B, K], frame -> token [B, N])."""
+    n_batch, n, _ = frames.shape
+    tokens = frames
+    sizes = torch.ones(n_batch, n, dtype=frames.dtype, device=frames.device)
+    frame_map = torch.arange(n, device=frames.device).expand(n_batch, n)
+    for target in schedule:
+        tokens, sizes, frame_map = merge_adjacent_pairs(tokens, sizes, frame_map, target)
+    return tokens, sizes, frame_map

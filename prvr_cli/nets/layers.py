@@ -79,8 +79,12 @@ def span_means(tokens: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=16)
 def span_averages(n_tokens: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The span-averaging matrix [N(N+1)/2, N] (cached; never modify it in place)."""
-    return span_to_token(n_tokens, device, torch.float64).to(dtype)
+    """The span-averaging matrix [N(N+1)/2, N] (cached; never modify it in place).
+
+    Made outside inference mode even when first asked for inside it (a search), so training can use it later.
+    """
+    with torch.inference_mode(False):
+        return span_to_token(n_tokens, device, torch.float64).to(dtype)
 
 
 def span_to_token(n_tokens: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -50,3 +50,14 @@ def test_span_means_are_the_direct_means_and_differentiate_as_them():
     (grad_fast,) = torch.autograd.grad(span_means(x), x, g)
     (grad_direct,) = torch.autograd.grad(direct, x, g)
     assert torch.allclose(grad_fast, grad_direct)
+
+
+def test_span_means_first_used_in_inference_mode_still_train():
+    from prvr_cli.nets.layers import span_averages, span_means
+
+    span_averages.cache_clear()
+    with torch.inference_mode():
+        span_means(torch.randn(2, 5, 3))       # a search fills the cache
+    x = torch.randn(2, 5, 3, requires_grad=True)
+    span_means(x).sum().backward()             # training reuses it
+    assert x.grad is not None and torch.isfinite(x.grad).all()

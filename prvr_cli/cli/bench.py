@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 
 from ..errors import UsageError
+from .options import CollectionOpt, DataOpt, FeatureOpt, PresetOpt, SetOpt, TrainDeviceOpt
 from .output import native_stderr_silenced, stderr, write_line
 
 bench_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -174,9 +175,9 @@ def _print_storage(res: dict) -> None:
 
 @bench_app.command("accuracy")
 def accuracy_cmd(
-    data: Path = typer.Option(..., "--data", help="Root of a pre-extracted dataset (h5 or MS-SL layout)."),
-    collection: str = typer.Option(..., "--collection", help="Collection under --data, e.g. anet."),
-    feature: str = typer.Option("cg", "--feature", help="Video feature name."),
+    data: Path = DataOpt,
+    collection: str = CollectionOpt,
+    feature: str = FeatureOpt,
     runs: Path = typer.Option(..., "--runs", help="Folder of run folders: finished runs are reused, others resumed."),
     presets: str = typer.Option("protoprvr_anet,mssl_anet,gmmformer_anet", "--presets",
                                 help="Presets of the methods table, comma-separated."),
@@ -189,7 +190,7 @@ def accuracy_cmd(
     train_videos: Optional[int] = typer.Option(None, "--train-videos",
                                                help="Train on a seeded subset of this many training videos."),
     seed: int = typer.Option(0, "--seed", help="Seed of every run (and of the training subset)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = TrainDeviceOpt,
     plots: Optional[Path] = typer.Option(None, "--plots", help="Folder for the PNG plots [default: --runs]."),
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout instead of Markdown."),
 ):
@@ -206,16 +207,16 @@ def accuracy_cmd(
 
 @bench_app.command("train")
 def train_cmd(
-    data: Path = typer.Option(..., "--data", help="Root of a pre-extracted dataset (h5 or MS-SL layout)."),
-    collection: str = typer.Option(..., "--collection", help="Collection under --data, e.g. anet."),
-    feature: str = typer.Option("cg", "--feature", help="Video feature name."),
-    preset: str = typer.Option("protoprvr_anet", "--preset", help="Model preset name or path to a .json config."),
+    data: Path = DataOpt,
+    collection: str = CollectionOpt,
+    feature: str = FeatureOpt,
+    preset: str = PresetOpt,
     batch_videos: Optional[int] = typer.Option(None, "--batch-videos", help="Videos per step [default: the preset's]."),
-    sets: list[str] = typer.Option([], "--set", help="Override a config key, repeatable: train.autocast=bf16"),
+    sets: list[str] = SetOpt,
     steps: int = typer.Option(20, "--steps", help="Timed steps (median reported)."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed steps first."),
     seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = TrainDeviceOpt,
     profile: bool = typer.Option(False, "--profile", help="Also list torch operators by their own CPU time."),
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
 ):

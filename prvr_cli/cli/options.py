@@ -19,6 +19,14 @@ ModelOpt = typer.Option(None, "--model", help="Checkpoint from `prvr train` [env
                         "else zero-shot CLIP prototypes].")
 JsonOpt = typer.Option(False, "--json", help="As JSON on stdout.")
 
+# training data and configs (prvr train, prvr bench accuracy, prvr bench train)
+DataOpt = typer.Option(..., "--data", help="Root of a pre-extracted dataset (h5 or MS-SL layout).")
+CollectionOpt = typer.Option(..., "--collection", help="Collection under --data, e.g. anet, tvr.")
+FeatureOpt = typer.Option("cg", "--feature", help="Video feature name, e.g. cg (h5) or i3d_resnet (MS-SL).")
+PresetOpt = typer.Option("protoprvr_anet", "--preset", help="Model preset name or path to a .json config.")
+SetOpt = typer.Option([], "--set", help="Override a config key, repeatable: model.losses.attn=0")
+TrainDeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda.")
+
 
 def open_library(index: Optional[Path], device: Optional[str] = None) -> Library:
     """The library at --index (or PRVR_INDEX, the config file, the XDG default), with the user's cache folder."""

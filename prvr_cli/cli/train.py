@@ -9,6 +9,7 @@ import typer
 
 from ..errors import UsageError
 from ..nets.factory import canonical, load_config, override
+from .options import FeatureOpt, PresetOpt, SetOpt, TrainDeviceOpt
 from .output import write_line
 
 
@@ -29,10 +30,10 @@ def parse_sets(pairs: list[str]) -> dict:
 
 def train_command(
     out: Path = typer.Option(..., "--out", help="Run folder: best.pt, last.pt and metrics.json go here."),
-    preset: str = typer.Option("protoprvr_anet", "--preset", help="Model preset name or path to a .json config."),
+    preset: str = PresetOpt,
     data: Optional[Path] = typer.Option(None, "--data", help="Root of a pre-extracted dataset (h5 or MS-SL layout)."),
     collection: Optional[str] = typer.Option(None, "--collection", help="Collection under --data, e.g. anet, tvr."),
-    feature: str = typer.Option("cg", "--feature", help="Video feature name, e.g. cg (h5) or i3d_resnet (MS-SL)."),
+    feature: str = FeatureOpt,
     text_feature: Optional[str] = typer.Option(None, "--text-feature",
                                                help="Token feature file under TextData/ (default: by layout)."),
     index: Optional[Path] = typer.Option(None, "--index", help="Train on your own videos: a `prvr ingest` index."),
@@ -44,9 +45,9 @@ def train_command(
     train_videos: Optional[int] = typer.Option(None, "--train-videos",
                                                help="Train on a seeded random subset of this many training videos."),
     seed: int = typer.Option(0, "--seed", help="Seed for weights, data order and the val hold-out."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = TrainDeviceOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt."),
-    sets: List[str] = typer.Option([], "--set", help="Override a config key, repeatable: model.losses.attn=0"),
+    sets: List[str] = SetOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the final summary as JSON on stdout."),
 ) -> None:
     """Train a model; progress on stderr, checkpoints and metrics.json in --out."""

@@ -57,3 +57,65 @@ def order_preserving_merge(frames: torch.Tensor, schedule=MSC_SCHEDULE) -> tuple
     for target in schedule:
         tokens, sizes, frame_map = merge_adjacent_pairs(tokens, sizes, frame_map, target)
     return tokens, sizes, frame_map
+
+
+# ---------------------------------------------------------------------------- adaptive clip counts (MSC's CBVA)
+
+ADAPTIVE_COUNTS = ((0.8, 5), (0.6, 8), (0.4, 12), (0.2, 20))   # redundancy at least .. -> clips; else all
+BIPARTITE_SCHEDULE = (20, 12, 8, 5)
+
+
+def redundancy(clips: torch.Tensor, tau: float) -> torch.Tensor:
+    """omega [B]: the share of a video's clip pairs [B, S, D] whose cosine similarity exceeds `tau`."""
+    unit = torch.nn.functional.normalize(clips.float(), dim=-1)
+    cos = unit @ unit.transpose(1, 2)
+    upper = torch.triu(torch.ones_like(cos[0], dtype=torch.bool), diagonal=1)
+    return (cos[:, upper] > tau).float().mean(-1)
+
+
+def adaptive_clip_count(omega: torch.Tensor, n_clips: int = 32) -> torch.Tensor:
+    """How many clips a video's alignment uses: fewer for redundant (static) videos, all for varied ones."""
+    counts = torch.full_like(omega, n_clips, dtype=torch.long)
+    for threshold, count in reversed(ADAPTIVE_COUNTS):
+        counts = torch.where(omega >= threshold, torch.tensor(count, device=omega.device), counts)
+    return counts
+
+
+def bipartite_merge(tokens: torch.Tensor, sizes: torch.Tensor, frame_map: torch.Tensor, target: int,
+                    metric: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge N tokens [B, N, D] to `target` by bipartite matching: even positions against odd ones.
+
+    The most similar (even, odd) pair by cosine of `metric` (default: the tokens) is merged first, then
+    the next among tokens not yet used, until N - target pairs are merged (ties: the lower index). The
+    odd token joins the even one as a size-weighted average at the even one's place; order is kept.
+    """
+    n_batch, n, dim = tokens.shape
+    n_merge = n - target
+    if n % 2 or not 0 <= n_merge <= n // 2:
+        raise ValueError(f"cannot merge {n} tokens into {target} by bipartite matching")
+    unit = torch.nn.functional.normalize((tokens if metric is None else metric).float(), dim=-1)
+    sim = unit[:, 0::2] @ unit[:, 1::2].transpose(1, 2)                                  # [B, N/2 even, N/2 odd]
+    partner = torch.full((n_batch, n // 2), -1, dtype=torch.long, device=tokens.device)  # even -> odd it takes
+    rows = torch.arange(n_batch, device=tokens.device)
+    for _ in range(n_merge):
+        best = sim.flatten(1).argmax(1)                                                   # first max: lower index
+        even, odd = best // (n // 2), best % (n // 2)
+        partner[rows, even] = odd
+        sim[rows, even, :] = float("-inf")
+        sim[rows, :, odd] = float("-inf")
+    absorbed_into = torch.arange(n, device=tokens.device).repeat(n_batch, 1)              # token -> token it joins
+    has = partner >= 0
+    evens = torch.arange(0, n, 2, device=tokens.device).expand(n_batch, -1)
+    absorbed_into.scatter_(1, (2 * partner + 1).clamp(min=0)[has].view(n_batch, n_merge),
+                           evens[has].view(n_batch, n_merge))
+    weight = sizes.unsqueeze(-1)
+    summed = torch.zeros_like(tokens).scatter_add_(1, absorbed_into.unsqueeze(-1).expand(-1, -1, dim),
+                                                   tokens * weight)
+    new_sizes = torch.zeros_like(sizes).scatter_add_(1, absorbed_into, sizes)
+    kept = absorbed_into == torch.arange(n, device=tokens.device)
+    keep = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)[:, :target]
+    new_index = kept.long().cumsum(1) - 1                                                 # kept token -> position
+    position = new_index.gather(1, absorbed_into)                                         # every token -> position
+    out_sizes = new_sizes.gather(1, keep)
+    out = summed.gather(1, keep.unsqueeze(-1).expand(-1, -1, dim)) / out_sizes.unsqueeze(-1)
+    return out, out_sizes, position.gather(1, frame_map)

@@ -62,3 +62,60 @@ def test_the_msc_schedule_keeps_order_sizes_and_the_frame_map():
 def test_a_target_out_of_reach_is_refused():
     with pytest.raises(ValueError, match="cannot merge 8 tokens into 3"):
         merge_adjacent_pairs(torch.randn(1, 8, 2), torch.ones(1, 8), torch.arange(8)[None], 3)
+
+
+def direct_bipartite(x, sizes, frame_map, target):
+    """Bipartite merging written plainly for one video: best (even, odd) pairs first, each token used once."""
+    n = len(x)
+    unit = torch.nn.functional.normalize(x, dim=-1)
+    candidates = sorted(((float(unit[a] @ unit[b]), a, b) for a in range(0, n, 2) for b in range(1, n, 2)),
+                        key=lambda c: -c[0])                       # stable: ties keep the lower (even, odd)
+    takes, used = {}, set()
+    for _, a, b in candidates:
+        if len(takes) == n - target:
+            break
+        if a in used or b in used:
+            continue
+        takes[a] = b
+        used |= {a, b}
+    tokens, new_sizes, index_of = [], [], {}
+    for i in range(n):
+        if i in takes.values():
+            continue
+        j = takes.get(i)
+        if j is None:
+            tokens.append(x[i])
+            new_sizes.append(sizes[i])
+        else:
+            tokens.append((x[i] * sizes[i] + x[j] * sizes[j]) / (sizes[i] + sizes[j]))
+            new_sizes.append(sizes[i] + sizes[j])
+            index_of[j] = len(tokens) - 1
+        index_of[i] = len(tokens) - 1
+    return torch.stack(tokens), torch.stack(new_sizes), torch.tensor([index_of[int(f)] for f in frame_map])
+
+
+def test_bipartite_merge_matches_the_direct_computation():
+    from prvr_cli.nets.token_merge import bipartite_merge
+
+    torch.manual_seed(4)
+    x = torch.randn(3, 32, 6, dtype=torch.float64)
+    sizes = torch.randint(1, 5, (3, 32)).to(torch.float64)
+    frame_map = torch.sort(torch.randint(0, 32, (3, 128)), dim=1).values
+    for target in (32, 20, 16):
+        out, out_sizes, out_map = bipartite_merge(x, sizes, frame_map, target)
+        for b in range(3):
+            tokens, new_sizes, new_map = direct_bipartite(x[b], sizes[b], frame_map[b], target)
+            assert torch.allclose(out[b], tokens) and torch.equal(out_sizes[b], new_sizes)
+            assert torch.equal(out_map[b], new_map)
+
+
+def test_redundancy_decides_how_many_clips_the_alignment_uses():
+    from prvr_cli.nets.token_merge import adaptive_clip_count, redundancy
+
+    torch.manual_seed(5)
+    static = torch.randn(1, 1, 8).expand(1, 32, 8) + 0.01 * torch.randn(1, 32, 8)   # one scene throughout
+    varied = torch.randn(1, 32, 8)                                                  # unrelated clips
+    omega = redundancy(torch.cat([static, varied]), tau=0.8)
+    assert omega[0] == 1.0 and omega[1] < 0.2
+    assert adaptive_clip_count(torch.tensor([1.0, 0.8, 0.79, 0.6, 0.45, 0.2, 0.19, 0.0])).tolist() == \
+        [5, 5, 8, 8, 12, 20, 32, 32]

@@ -61,8 +61,9 @@ def order_preserving_merge(frames: torch.Tensor, schedule=MSC_SCHEDULE) -> tuple
 
 # ---------------------------------------------------------------------------- adaptive clip counts (MSC's CBVA)
 
-ADAPTIVE_COUNTS = ((0.8, 5), (0.6, 8), (0.4, 12), (0.2, 20))   # redundancy at least .. -> clips; else all
-BIPARTITE_SCHEDULE = (20, 12, 8, 5)
+# How many clips a video's alignment uses, by its redundancy: at least 0.8 -> 5, ... , else all. MSC reaches them
+# from 32 clips by bipartite merging in steps 32 -> 20 -> 12 -> 8 -> 5, stopping at the video's count.
+ADAPTIVE_COUNTS = ((0.8, 5), (0.6, 8), (0.4, 12), (0.2, 20))
 
 
 def redundancy(clips: torch.Tensor, tau: float) -> torch.Tensor:

@@ -78,10 +78,11 @@ class Library:
         found = discover(paths, glob)
         if not found.files and not prune:
             return IngestReport(found)  # nothing to do: no index is made, no encoder loaded
-        device, encoder = resolve_device(self.device), None
-        if not (self.root / META_FILE).is_file():  # a new index: made only once its encoder has loaded
+        device, encoder, builder = resolve_device(self.device), None, None
+        if not (self.root / META_FILE).is_file():  # a new index: made only once its encoder and model have loaded
             encoder = FrameTextEncoder.load(clip_model or DEFAULT_CLIP_MODEL, clip_pretrained or
                                             DEFAULT_CLIP_PRETRAINED, device, cache_dir=str(self.cache / "clip"))
+            builder = self._builder(model, encoder.spec(), device)
         idx = self.index(create=True)
         with idx.lock(wait=wait):
             encoder_source = self._encoder_source(idx, clip_model, clip_pretrained, default_weights=True)
@@ -92,7 +93,8 @@ class Library:
                 encoder = FrameTextEncoder.load(*encoder_source, device, cache_dir=str(self.cache / "clip"))
             enc_spec = encoder.spec() if encoder else idx.encoder_spec
             self._check_encoder(idx, enc_spec)
-            builder = self._builder(model, enc_spec, device)
+            if builder is None or idx.builder_spec is not None:  # another process made the index meanwhile
+                builder = self._builder(model, enc_spec, device)
             self._check_builder(idx, builder.spec())
             if idx.encoder_spec is None:
                 idx.bind(enc_spec, builder.spec(), builder.output_dim(enc_spec["dim"]))

@@ -210,6 +210,7 @@ def test_wrong_checkpoint_dims_are_refused(cli, videos, tmp_path):
     save_checkpoint(ckpt, create_model("protoprvr_anet", video_dim=512, text_dim=384), feature_source={})
     code, _, err = cli("ingest", videos, "--quiet", "--model", ckpt, tiny=True)
     assert code == ExitCode.MISMATCH and "512/384" in err
+    assert not cli.index.exists()  # refused before a new index was made
     (tmp_path / "truncated.pt").write_bytes(ckpt.read_bytes()[:1000])
     code, _, err = cli("ingest", videos, "--quiet", "--model", tmp_path / "truncated.pt", tiny=True)
     assert code == ExitCode.CORRUPT and "truncated.pt" in err

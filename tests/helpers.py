@@ -125,11 +125,7 @@ def write_h5_dataset(root: Path, coll="toy", feat="cg", data=None, splits=("trai
         for split in data.values():
             for vid, frames, _ in split:
                 f[vid] = frames.astype(np.float16)
-    with h5py.File(base / "TextData" / f"{coll}_{feat}.h5", "w") as f:
-        for split in data.values():
-            for _, _, caps in split:
-                for cap, _, tokens in caps:
-                    f[cap] = tokens.astype(np.float16)
+    write_tokens(base / "TextData" / f"{coll}_{feat}.h5", data, np.float16)
     return data
 
 
@@ -155,9 +151,14 @@ def write_mssl_dataset(root: Path, coll="toy", feat="i3d", data=None) -> dict:
     (feat_dir / "id.txt").write_text(" ".join(names))
     (feat_dir / "shape.txt").write_text(f"{len(rows)} {rows.shape[1]}")
     (feat_dir / "video2frames.txt").write_text(repr(v2f))
-    with h5py.File(base / "TextData" / f"roberta_{coll}_query_feat.hdf5", "w") as f:
+    write_tokens(base / "TextData" / f"roberta_{coll}_query_feat.hdf5", data, np.float32)
+    return data
+
+
+def write_tokens(path: Path, data: dict, dtype) -> None:
+    """Every caption's token features, keyed by caption id, in one HDF5 file."""
+    with h5py.File(path, "w") as f:
         for split in data.values():
             for _, _, caps in split:
                 for cap, _, tokens in caps:
-                    f[cap] = tokens.astype(np.float32)
-    return data
+                    f[cap] = tokens.astype(dtype)

@@ -10,15 +10,6 @@ from prvr_cli.nets.retrieval import TrainBatch
 from prvr_cli.nets.retrieval_losses import infonce_loss, triplet_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TINY = {"hidden_size": 16, "n_heads": 2, "ff_size": 32, "dropout": 0.0, "max_frames": 8, "n_clips": 4, "max_query_tokens": 10,
         "n_prototypes": 5, "iterations": 1, "hard_pool_size": 2}
 VDIM, TDIM = 12, 7

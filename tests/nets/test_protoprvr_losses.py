@@ -7,15 +7,6 @@ import torch
 from prvr_cli.nets import protoprvr_losses as L
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def f64(x):
     return torch.tensor(x, dtype=torch.float64)
 

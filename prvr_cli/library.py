@@ -140,7 +140,7 @@ class Library:
         q_clip, q_frame = builder.encode_queries(encoder, queries)
         weights = tuple(idx.builder_spec["branch_weights"])
         ranked = rank(m.paths, m.clip, m.frame, q_clip, q_frame, weights, k,
-                      hashes=None if keep_duplicates else m.hashes)
+                      copy_of=None if keep_duplicates else m.copy_of)
         rows = idx.rows(sorted({h.path for hits in ranked for h in hits}),
                         ["timestamps", "attn_clip", "attn_frame", "duration", "fps"])
         for hits in ranked:

@@ -19,14 +19,15 @@ import numpy as np
 
 from ..errors import CorruptError, DiskError
 
-CACHE_KIND = "f32-2"  # the layout: float32 prototypes, videos.json with paths and content hashes
+CACHE_KIND = "f32-3"  # the layout: float32 prototypes, paths in videos.json, copy_of.npy
 
 
 class SearchMatrices(NamedTuple):
-    """What a search scores: per video its path and content hash, and its prototypes per branch [N, Lp, D]."""
+    """What a search scores: per video its path, the first video with the same content (itself if none came
+    before; identical copies share it), and its prototypes per branch [N, Lp, D]."""
 
     paths: list[str]
-    hashes: list[str]
+    copy_of: np.ndarray
     clip: np.ndarray
     frame: np.ndarray
 
@@ -49,7 +50,8 @@ def load_matrices(table, proto_dim: int, folders: list[Path]) -> SearchMatrices:
         return _read_table(table, proto_dim)  # nowhere to write: search from memory
     try:
         videos = json.loads((cache / "videos.json").read_text())
-        return SearchMatrices(videos["paths"], videos["hashes"], np.load(cache / "proto_clip.npy", mmap_mode="r"),
+        return SearchMatrices(videos["paths"], np.load(cache / "copy_of.npy"),
+                              np.load(cache / "proto_clip.npy", mmap_mode="r"),
                               np.load(cache / "proto_frame.npy", mmap_mode="r"))
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
         shutil.rmtree(cache, ignore_errors=True)  # damaged cache: rebuild from the table
@@ -67,8 +69,9 @@ def _read_table(table, dim: int) -> SearchMatrices:
             raise CorruptError("the index's videos have different prototype counts; run `prvr reindex`")
         arrays[col] = arr.flatten().flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(
             len(arr), int(counts[0]), dim)
-    return SearchMatrices(data["path"].to_pylist(), data["content_hash"].to_pylist(), arrays["proto_clip"],
-                          arrays["proto_frame"])
+    first: dict[str, int] = {}
+    copy_of = np.array([first.setdefault(h, v) for v, h in enumerate(data["content_hash"].to_pylist())], np.int64)
+    return SearchMatrices(data["path"].to_pylist(), copy_of, arrays["proto_clip"], arrays["proto_frame"])
 
 
 def _build_cache(table, dim: int, cache: Path) -> None:
@@ -80,7 +83,8 @@ def _build_cache(table, dim: int, cache: Path) -> None:
         tmp.mkdir(parents=True)
         np.save(tmp / "proto_clip.npy", m.clip)
         np.save(tmp / "proto_frame.npy", m.frame)
-        (tmp / "videos.json").write_text(json.dumps({"paths": m.paths, "hashes": m.hashes}))
+        np.save(tmp / "copy_of.npy", m.copy_of)
+        (tmp / "videos.json").write_text(json.dumps({"paths": m.paths}))
         try:
             os.replace(tmp, cache)
         except OSError:

@@ -55,24 +55,21 @@ class Hit:
 
 
 def rank(paths: list[str], clip: np.ndarray, frame: np.ndarray, q_clip: np.ndarray, q_frame: np.ndarray,
-         weights: tuple[float, float], k: int, hashes: list[str] | None = None) -> list[list[Hit]]:
+         weights: tuple[float, float], k: int, copy_of: np.ndarray | None = None) -> list[list[Hit]]:
     """Top-k hits for each query (best first).
 
-    With `hashes` (each video's content hash), identical copies of one file are one hit: the first of their
-    paths is scored, and the others are listed as its copies.
+    With `copy_of` (per video, the first video with the same content), identical copies of one file are one
+    hit: the first of their paths is scored, and the others are listed as its copies.
     """
     s_clip, a_clip = max_prototype_scores(clip, q_clip)
     s_frame, a_frame = max_prototype_scores(frame, q_frame)
     total = weights[0] * s_clip + weights[1] * s_frame                                  # [Q, N]
     copies: dict[int, list[str]] = {}
-    if hashes is not None:
-        first: dict[str, int] = {}
-        for v, h in enumerate(hashes):
-            if h in first:
-                copies.setdefault(first[h], []).append(paths[v])
-                total[:, v] = -np.inf
-            else:
-                first[h] = v
+    if copy_of is not None:
+        duplicates = np.flatnonzero(copy_of != np.arange(len(copy_of)))
+        total[:, duplicates] = -np.inf
+        for v in duplicates.tolist():
+            copies.setdefault(int(copy_of[v]), []).append(paths[v])
     k = min(k, total.shape[1] - sum(len(c) for c in copies.values()))
     results = []
     for qi in range(total.shape[0]):

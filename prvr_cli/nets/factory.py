@@ -23,6 +23,8 @@ METHODS = {
     "protoprvr": "prvr_cli.nets.protoprvr:ProtoPRVR",
     "mssl": "prvr_cli.nets.mssl:MSSL",
     "gmmformer": "prvr_cli.nets.gmmformer:GMMFormer",
+    "gmmformer2": "prvr_cli.nets.gmmformer2:GMMFormerV2",
+    "msc": "prvr_cli.nets.gmmformer2:MSC",
 }
 
 CHECKPOINT_FORMAT = 1

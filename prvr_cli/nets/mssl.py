@@ -58,7 +58,8 @@ class SelfAttentionLayer(nn.Module):
     """Multi-head self-attention, output projection, dropout and residual LayerNorm (no feed-forward).
 
     `weight` [B or 1, L, L], when given, multiplies the scaled attention logits before the
-    softmax (GMMFormer's Gaussian constraint); `mask` [B, L] hides padded keys.
+    softmax (GMMFormer's Gaussian constraint); `key_bias` [B, L] is then added to every query's
+    logits (MSC's proportional attention: +log(size) of merged tokens); `mask` [B, L] hides padded keys.
     """
 
     def __init__(self, dim: int, heads: int, dropout: float):
@@ -73,13 +74,15 @@ class SelfAttentionLayer(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                weight: torch.Tensor | None = None) -> torch.Tensor:
+                weight: torch.Tensor | None = None, key_bias: torch.Tensor | None = None) -> torch.Tensor:
         B, L, D = x.shape
         split = lambda t: t.view(B, L, self.heads, self.head_dim).transpose(1, 2)  # noqa: E731  [B, h, L, d]
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
         logits = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)               # [B, h, L, L]
         if weight is not None:
             logits = logits * weight.unsqueeze(1)
+        if key_bias is not None:
+            logits = logits + key_bias.view(B, 1, 1, L)
         key_mask = None if mask is None else mask.view(B, 1, 1, L)
         attn = self.attn_dropout(layers.masked_softmax(logits, key_mask))
         context = (attn @ v).transpose(1, 2).reshape(B, L, D)
@@ -99,15 +102,18 @@ def init_weights(module: nn.Module, std: float) -> None:
 
 
 class QueryEncoder(nn.Module):
-    """Tokens -> projection -> positions -> one attention layer -> attention pooling into one vector."""
+    """Tokens -> projection -> positions -> one attention layer -> attention pooling into one vector.
 
-    def __init__(self, text_dim: int, cfg: MSSLConfig):
+    `encoder` replaces the attention layer (called as `encoder(x, mask)`); the default is MS-SL's.
+    """
+
+    def __init__(self, text_dim: int, cfg: MSSLConfig, encoder: nn.Module | None = None):
         super().__init__()
         D = cfg.hidden_size
         self.max_tokens, self.l2 = cfg.max_query_tokens, cfg.l2_inputs
         self.proj = layers.InputProjection(text_dim, D, cfg.input_dropout)
         self.pos = layers.LearnedPositions(self.max_tokens, D, cfg.input_dropout)
-        self.encoder = SelfAttentionLayer(D, cfg.n_heads, cfg.dropout)
+        self.encoder = encoder if encoder is not None else SelfAttentionLayer(D, cfg.n_heads, cfg.dropout)
         self.pool = layers.AttentionPool(D)
 
     def forward(self, tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:

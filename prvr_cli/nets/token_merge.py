@@ -66,12 +66,20 @@ def order_preserving_merge(frames: torch.Tensor, schedule=MSC_SCHEDULE) -> tuple
 ADAPTIVE_COUNTS = ((0.8, 5), (0.6, 8), (0.4, 12), (0.2, 20))
 
 
-def redundancy(clips: torch.Tensor, tau: float) -> torch.Tensor:
-    """omega [B]: the share of a video's clip pairs [B, S, D] whose cosine similarity exceeds `tau`."""
+def redundancy(clips: torch.Tensor, tau: float, closure: bool = False) -> torch.Tensor:
+    """omega [B]: the share of a video's clip pairs [B, S, D] whose cosine similarity exceeds `tau`.
+
+    With `closure`, a pair also counts when a chain of such links joins it (the transitive closure,
+    as MSC's code computes it), found by squaring the link matrix log2(S) times.
+    """
     unit = torch.nn.functional.normalize(clips.float(), dim=-1)
-    cos = unit @ unit.transpose(1, 2)
-    upper = torch.triu(torch.ones_like(cos[0], dtype=torch.bool), diagonal=1)
-    return (cos[:, upper] > tau).float().mean(-1)
+    linked = (unit @ unit.transpose(1, 2)) > tau
+    if closure:
+        linked = linked | torch.eye(linked.shape[1], dtype=torch.bool, device=linked.device)
+        for _ in range(max(1, (linked.shape[1] - 1).bit_length())):
+            linked = (linked.float() @ linked.float()) > 0
+    upper = torch.triu(torch.ones_like(linked[0]), diagonal=1)
+    return linked[:, upper].float().mean(-1)
 
 
 def adaptive_clip_count(omega: torch.Tensor, n_clips: int = 32) -> torch.Tensor:

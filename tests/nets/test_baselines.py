@@ -8,6 +8,7 @@ from prvr_cli.nets import layers, mssl as mssl_mod
 from prvr_cli.errors import UsageError
 from prvr_cli.nets.factory import create_model, load_checkpoint, save_checkpoint
 from prvr_cli.nets.gmmformer import GMMFormer, gaussian_weights
+from prvr_cli.nets.gmmformer2 import MSC, GMMFormerV2
 from prvr_cli.nets.mssl import MSSL
 from prvr_cli.nets.retrieval import TrainBatch
 from prvr_cli.nets.retrieval_losses import query_diverse_loss
@@ -32,10 +33,15 @@ def make_queries(n, L=7, seed=1):
     return tokens, mask
 
 
-@pytest.fixture(params=[MSSL, GMMFormer], ids=["mssl", "gmmformer"])
+V2_SMALL = {**SMALL, "n_clips": 4, "gauss_widths": [0.5, 5.0]}
+
+
+@pytest.fixture(params=[(MSSL, SMALL), (GMMFormer, SMALL), (GMMFormerV2, V2_SMALL), (MSC, V2_SMALL)],
+                ids=["mssl", "gmmformer", "gmmformer2", "msc"])
 def model(request):
     torch.manual_seed(0)
-    return request.param(VDIM, TDIM, dict(SMALL)).eval()
+    cls, cfg = request.param
+    return cls(VDIM, TDIM, dict(cfg)).eval()
 
 
 # ---- MS-SL -------------------------------------------------------------------------------------
@@ -221,11 +227,12 @@ def synthetic_batch(n_videos=6, per_video=2, seed=3):
     return TrainBatch(frames * mask.unsqueeze(-1), mask, tokens, tmask, owner, epoch=5)
 
 
-@pytest.mark.parametrize("cls", [MSSL, GMMFormer], ids=["mssl", "gmmformer"])
-def test_optimisation_reduces_loss(cls):
+@pytest.mark.parametrize("cls,cfg", [(MSSL, SMALL), (GMMFormer, SMALL), (GMMFormerV2, V2_SMALL)],
+                         ids=["mssl", "gmmformer", "gmmformer2"])
+def test_optimisation_reduces_loss(cls, cfg):
     torch.manual_seed(0)
     # hard negatives from the start with a pool of 1: the loss is deterministic given the weights
-    m = cls(VDIM, TDIM, {**SMALL, "hard_negative_start_epoch": 0, "hard_pool_size": 1})
+    m = cls(VDIM, TDIM, {**cfg, "hard_negative_start_epoch": 0, "hard_pool_size": 1})
     batch = synthetic_batch()
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
     first, first_terms = m(batch)

@@ -38,12 +38,12 @@ from torch import nn
 
 from . import layers
 from .gmmformer import gaussian_weights
-from .msc_losses import angle_distillation, cross_branch_alignment, distance_distillation
+from .msc_losses import angle_distillation, cross_branch_alignment, distance_distillation, last_valid_token
 from .protoprvr import max_cosine
 from .mssl import MSSLConfig, QueryEncoder, SelfAttentionLayer, dot_and_cosine, init_weights, l2_rows
 from .retrieval import QueryEncoding, TrainBatch, VideoEncoding, WeightedBranchModel
 from .retrieval_losses import infonce_loss, triplet_loss
-from .token_merge import MSC_SCHEDULE, adaptive_clip_count, bipartite_merge, order_preserving_merge, redundancy
+from .token_merge import adaptive_clip_count, bipartite_merge, merge_schedule, order_preserving_merge, redundancy
 
 ADAPTIVE_SCHEDULE = (20, 12, 8, 5)   # bipartite merging steps from 32 clips, stopping at a video's count
 
@@ -174,7 +174,8 @@ class GMMFormerV2(WeightedBranchModel):
         self.frame_proj = layers.InputProjection(video_dim, D, in_drop)
         self.frame_pos = layers.LearnedPositions(cfg.max_frames, D, in_drop)
         self.frame_block = block(cfg.max_frames)
-        self.align_proj = nn.Linear(D, D)                            # CBVA only: never used to encode
+        if cfg.cbva_weight > 0:
+            self.align_proj = nn.Linear(D, D)                        # CBVA only: never used to encode
         init_weights(self, cfg.init_std)
         nn.init.normal_(self.weight_token)
 
@@ -187,7 +188,7 @@ class GMMFormerV2(WeightedBranchModel):
         resample = layers.uniform_bins(lengths, cfg.max_frames, T).to(frames.dtype)   # [B, F, T]: F fixed
         frame_in = resample @ frames
         if cfg.token_merge:
-            clip_in, sizes, frame_to_clip = order_preserving_merge(frame_in, self._merge_schedule())
+            clip_in, sizes, frame_to_clip = order_preserving_merge(frame_in, merge_schedule(cfg.max_frames, cfg.n_clips))
             clip_to_frame = F.one_hot(frame_to_clip, cfg.n_clips).transpose(1, 2).to(frames.dtype)
             clip_to_frame = clip_to_frame / clip_to_frame.sum(-1, keepdim=True).clamp(min=1)
             key_bias = sizes.log()
@@ -201,17 +202,6 @@ class GMMFormerV2(WeightedBranchModel):
         tokens = self.frame_block(self.frame_pos(self.frame_proj(l2_rows(frame_in, l2))), self.weight_token)
         return {"clips": clips, "frames": tokens, "clip_in": clip_in, "sizes": sizes,
                 "frame_to_clip": frame_to_clip, "clip_attn": clip_to_frame @ resample, "frame_attn": resample}
-
-    def _merge_schedule(self) -> tuple[int, ...]:
-        """MSC's 128 -> 80 -> 52 -> 32; for other lengths, steps keeping about 5/8 of the tokens (an even count)."""
-        n, target = self.cfg.max_frames, self.cfg.n_clips
-        if (n, target) == (128, 32):
-            return MSC_SCHEDULE
-        steps = []
-        while n > target:
-            n = max(target, 2 * round(n * 5 / 16))
-            steps.append(n)
-        return tuple(steps)
 
     def encode_videos(self, frames: torch.Tensor, frame_mask: torch.Tensor) -> VideoEncoding:
         enc = self._encode(frames, frame_mask)
@@ -248,8 +238,10 @@ class GMMFormerV2(WeightedBranchModel):
         }
         if cfg.tcpl_distance_weight > 0 or cfg.tcpl_angle_weight > 0:
             teacher = last_valid_token(batch.tokens, batch.token_mask)
-            terms["tcpl_distance"] = cfg.tcpl_distance_weight * distance_distillation(q, teacher)
-            terms["tcpl_angle"] = cfg.tcpl_angle_weight * angle_distillation(q, teacher, cfg.tcpl_angle_anchors)
+            if cfg.tcpl_distance_weight > 0:
+                terms["tcpl_distance"] = cfg.tcpl_distance_weight * distance_distillation(q, teacher)
+            if cfg.tcpl_angle_weight > 0:
+                terms["tcpl_angle"] = cfg.tcpl_angle_weight * angle_distillation(q, teacher, cfg.tcpl_angle_anchors)
         if cfg.cbva_weight > 0:
             terms["cbva"] = cfg.cbva_weight * self._alignment(enc)
         loss = sum(terms.values())
@@ -290,9 +282,3 @@ class MSC(GMMFormerV2):
 
     method = "msc"
     Config = MSCConfig
-
-
-def last_valid_token(tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-    """The feature at each query's last valid token [Q, D] (CLIP's end-of-text token: its sentence embedding)."""
-    last = (token_mask.bool().long().cumsum(1).argmax(1))                        # first position of the max count
-    return tokens[torch.arange(len(tokens), device=tokens.device), last]

@@ -142,3 +142,16 @@ class AttentionPool(nn.Module):
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         weights = masked_softmax(self.score(tokens).squeeze(-1), mask)
         return torch.einsum("bl,bld->bd", weights, tokens)
+
+
+def encode_with_key_bias(layer: nn.TransformerEncoderLayer, x: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
+    """Run a post-norm `layer` on x [B, L, D] with `key_bias` [B, L] added to every attention logit over each key.
+
+    The layer's own forward is not used: its inference fast path returns NaN rows for a per-sample float
+    mask (torch 2.15); the same computation through its public submodules gives the training path's result.
+    """
+    heads, L = layer.self_attn.num_heads, x.shape[1]
+    mask = key_bias.to(x.dtype).repeat_interleave(heads, 0).unsqueeze(1).expand(-1, L, -1)    # [B*heads, L, L]
+    attended, _ = layer.self_attn(x, x, x, attn_mask=mask, need_weights=False)
+    x = layer.norm1(x + layer.dropout1(attended))
+    return layer.norm2(x + layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))))

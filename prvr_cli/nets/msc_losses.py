@@ -51,6 +51,12 @@ def angle_distillation(student: torch.Tensor, teacher: torch.Tensor, anchors: in
     return F.smooth_l1_loss(_angles(student.float(), pick), target)
 
 
+def last_valid_token(tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """The feature at each query's last valid token [Q, D] (CLIP's end-of-text token: its sentence embedding)."""
+    last = token_mask.bool().long().cumsum(1).argmax(1)                        # where the count reaches its total
+    return tokens[torch.arange(len(tokens), device=tokens.device), last]
+
+
 def _contrast(similarity: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, valid: torch.Tensor,
               dim: int) -> torch.Tensor:
     """Per row (dim=-1) or column (dim=-2) of `similarity`: -log(mean exp to positives / (that + mean exp to
@@ -68,7 +74,8 @@ def _contrast(similarity: torch.Tensor, positive: torch.Tensor, negative: torch.
 def cross_branch_alignment(frames: torch.Tensor, clips: torch.Tensor, frame_to_clip: torch.Tensor,
                            frame_mask: torch.Tensor | None = None, clip_mask: torch.Tensor | None = None
                            ) -> torch.Tensor:
-    """CBVA over a batch: frames [B, L, D], clips [B, S, D], frame_to_clip [B, L] (the clip holding each frame).
+    """CBVA over a batch: frames [B, L, D], clips [B, S, D], frame_to_clip [B, L] (the clip holding each frame),
+    or a bool [B, L, S] saying which clips hold each frame (several when clips share frames).
 
     Frame -> clip with the clips detached, plus clip -> frame with the frames detached; the mean over videos.
     Masks [B, L] and [B, S] leave out padded frames and clips.
@@ -80,7 +87,8 @@ def cross_branch_alignment(frames: torch.Tensor, clips: torch.Tensor, frame_to_c
     clip_mask = torch.ones(n_batch, n_clips, dtype=torch.bool, device=frames.device) if clip_mask is None \
         else clip_mask
     valid = frame_mask.unsqueeze(2) & clip_mask.unsqueeze(1)                                  # [B, L, S]
-    positive = F.one_hot(frame_to_clip, n_clips).bool() & valid
+    holds = frame_to_clip if frame_to_clip.dtype == torch.bool else F.one_hot(frame_to_clip, n_clips).bool()
+    positive = holds & valid
     negative = ~positive & valid
     to_clips = _contrast(frames @ clips.detach().transpose(1, 2), positive, negative, frame_mask, dim=-1)
     to_frames = _contrast(frames.detach() @ clips.transpose(1, 2), positive, negative, clip_mask, dim=-2)

@@ -35,6 +35,14 @@ Training objectives (formulas in `protoprvr_losses` and, for the retrieval pair,
              order); the query's p* on the mixed video should put >= 0.5 + beta of its attention
              on the query's own video (BCE while below that margin)
     ortho    positive cosine similarities between a video's prototypes, per branch
+
+MSC's remedies for semantic collapse, each a switch (off by default; see `msc_losses`, `token_merge`):
+    tcpl_distance, tcpl_angle  both pooled queries keep the distances and angles of the frozen input
+             features at each query's last valid token
+    cbva     frame tokens against the clip tokens sharing their frames (and back), before the prototypes
+             aggregate them, through a training-only projection
+    clip_tokens="merged"  the clip tokens are 128 uniform frames merged by order-preserving token merging,
+             their sizes a +log(size) bias in the clip encoder's attention
 """
 from __future__ import annotations
 
@@ -48,8 +56,10 @@ from . import protoprvr_losses as L
 from ..errors import UsageError
 from .config import BranchModelConfig, Settings
 from .retrieval_losses import infonce_loss, triplet_loss
-from .layers import (AttentionPool, InputProjection, LearnedPositions, downsample_frames, span_means,
-                     span_to_token, uniform_bins)
+from .layers import (AttentionPool, InputProjection, LearnedPositions, downsample_frames, encode_with_key_bias,
+                     span_means, span_to_token, uniform_bins)
+from .msc_losses import angle_distillation, cross_branch_alignment, distance_distillation, last_valid_token
+from .token_merge import merge_schedule, order_preserving_merge
 from .retrieval import QueryEncoding, RetrievalModel, TrainBatch, VideoEncoding
 
 BRANCHES = ("clip", "frame")
@@ -65,6 +75,9 @@ class LossWeights(Settings):
     urecon: float = 1.0
     attn: float = 0.005
     ortho: float = 0.01
+    tcpl_distance: float = 0.0      # MSC's remedies, off unless a preset turns them on (15 / 30 / 0.1 in MSC)
+    tcpl_angle: float = 0.0
+    cbva: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +94,15 @@ class ProtoPRVRConfig(BranchModelConfig):
     crecon_temperature: float = 0.07
     crecon_layers: int = 1
     attn_beta: float = 0.2
+    clip_tokens: str = "uniform"    # or "merged": MSC's order-preserving merging of 128 frames, +log(size) attention
+    tcpl_angle_anchors: int = 128
+
+    def __post_init__(self):
+        if self.clip_tokens not in ("uniform", "merged"):
+            raise UsageError(f"model.clip_tokens {self.clip_tokens!r} is not supported; use 'uniform' or 'merged'")
+        if self.clip_tokens == "merged" and self.max_frames < self.n_clips:
+            raise UsageError(f"model.clip_tokens 'merged' needs max_frames >= n_clips, "
+                             f"got {self.max_frames} and {self.n_clips}")
 
 
 class CrossAttentionBlock(nn.Module):
@@ -212,31 +234,47 @@ class ProtoPRVR(RetrievalModel):
         # uni-modal reconstruction: one MLP per branch decodes prototypes into frame features
         self.urecon_decoder = nn.ModuleDict({
             b: nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, video_dim)) for b in BRANCHES})
+        if cfg.losses.cbva > 0:
+            self.align_proj = nn.Linear(hidden, hidden)   # CBVA only: never used to encode
 
     # ------------------------------------------------------------------ encoding
     def encode_videos(self, frames: torch.Tensor, frame_mask: torch.Tensor | None = None) -> VideoEncoding:
         """Prototypes [B, P, hidden] per branch and their attention over the input frames [B, P, T]."""
+        return self._prototypes(self._video_tokens(frames, frame_mask))
+
+    def _video_tokens(self, frames: torch.Tensor, frame_mask: torch.Tensor | None) -> dict:
+        """Both branches' encoded tokens, with the matrices mapping each token onto the input frames."""
         if frame_mask is None:
             frame_mask = torch.ones(frames.shape[:2], dtype=torch.bool, device=frames.device)
-        n_videos, n_frames, _ = frames.shape
+        n_frames = frames.shape[1]
         frames = frames.masked_fill(~frame_mask[..., None], 0.0)
         lengths = frame_mask.sum(1)
 
-        # frame branch: <= max_frames tokens, prototypes attend over them
+        # frame branch: <= max_frames tokens
         pool, token_mask = downsample_frames(lengths, min(self.max_frames, n_frames), n_frames)
         pool = pool.to(frames.dtype)
-        x = self.frame_pos(self.frame_proj(pool @ frames))
-        x = self.frame_encoder(x, src_key_padding_mask=~token_mask)
-        frame_protos, attn = self.frame_prototypes(x, token_mask)
-        frame_attn = attn @ pool
+        x_frames = self.frame_encoder(self.frame_pos(self.frame_proj(pool @ frames)), src_key_padding_mask=~token_mask)
 
-        # clip branch: encode the clip tokens, then pool every contiguous span; prototypes attend over spans
-        bins = uniform_bins(lengths, self.n_clips, n_frames).to(frames.dtype)
-        x = self.clip_encoder(self.clip_pos(self.clip_proj(bins @ frames)))
-        clip_protos, attn = self.clip_prototypes(x, None, spans=True)  # attends over all 528 spans of x
-        clip_attn = (attn @ self.span_to_clip.to(frames.dtype)) @ bins
+        # clip branch: n_clips tokens, uniform bins or merged neighbours (sizes as a +log(size) attention bias)
+        if self.cfg.clip_tokens == "merged":
+            resample = uniform_bins(lengths, self.max_frames, n_frames).to(frames.dtype)
+            clip_in, sizes, frame_to_clip = order_preserving_merge(resample @ frames, merge_schedule(
+                self.max_frames, self.n_clips))
+            member = F.one_hot(frame_to_clip, self.n_clips).transpose(1, 2).to(frames.dtype)
+            bins = (member / member.sum(-1, keepdim=True).clamp(min=1)) @ resample
+            x_clips = encode_with_key_bias(self.clip_encoder, self.clip_pos(self.clip_proj(clip_in)), sizes.log())
+        else:
+            bins = uniform_bins(lengths, self.n_clips, n_frames).to(frames.dtype)
+            x_clips = self.clip_encoder(self.clip_pos(self.clip_proj(bins @ frames)))
+        return {"frames": x_frames, "frame_mask": token_mask, "frame_pool": pool, "clips": x_clips, "clip_bins": bins}
 
-        all_true = torch.ones(n_videos, clip_protos.shape[1], dtype=torch.bool, device=frames.device)
+    def _prototypes(self, tok: dict) -> VideoEncoding:
+        """Per branch, the prototypes attend over the tokens (the clip branch: over every span of its clips)."""
+        frame_protos, attn = self.frame_prototypes(tok["frames"], tok["frame_mask"])
+        frame_attn = attn @ tok["frame_pool"]
+        clip_protos, attn = self.clip_prototypes(tok["clips"], None, spans=True)  # attends over all 528 spans
+        clip_attn = (attn @ self.span_to_clip.to(attn.dtype)) @ tok["clip_bins"]
+        all_true = torch.ones(clip_protos.shape[:2], dtype=torch.bool, device=clip_protos.device)
         return VideoEncoding(clip_protos, all_true, frame_protos, all_true.clone(), clip_attn, frame_attn)
 
     def _encode_tokens(self, tokens: torch.Tensor, token_mask: torch.Tensor):
@@ -260,7 +298,8 @@ class ProtoPRVR(RetrievalModel):
     def forward(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """Weighted sum of the enabled objectives (weight > 0); terms are reported weighted, by name."""
         w = self.loss_weights
-        videos = self.encode_videos(batch.frames, batch.frame_mask)
+        tok = self._video_tokens(batch.frames, batch.frame_mask)
+        videos = self._prototypes(tok)
         queries, projected, token_mask = self._encode_tokens(batch.tokens, batch.token_mask)
         vi, rows = batch.video_index, torch.arange(len(batch.video_index), device=batch.frames.device)
         protos = {"clip": videos.clip, "frame": videos.frame}
@@ -284,6 +323,17 @@ class ProtoPRVR(RetrievalModel):
             losses["attn"] = self._attention_guidance(batch, query)
         if w["ortho"] > 0:
             losses["ortho"] = sum(L.orthogonal_loss(protos[b]) for b in BRANCHES) / len(BRANCHES)
+        if w["tcpl_distance"] > 0 or w["tcpl_angle"] > 0:  # MSC: pooled queries keep the input text's relations
+            teacher = last_valid_token(batch.tokens, batch.token_mask)
+            if w["tcpl_distance"] > 0:
+                losses["tcpl_distance"] = sum(distance_distillation(query[b], teacher) for b in BRANCHES) / 2
+            if w["tcpl_angle"] > 0:
+                anchors = self.cfg.tcpl_angle_anchors
+                losses["tcpl_angle"] = sum(angle_distillation(query[b], teacher, anchors) for b in BRANCHES) / 2
+        if w["cbva"] > 0:  # MSC: frame tokens against the clip tokens that share their frames, before prototypes
+            holds = (tok["frame_pool"] @ tok["clip_bins"].transpose(1, 2)) > 0                  # [B, F, C]
+            losses["cbva"] = cross_branch_alignment(self.align_proj(tok["frames"]), self.align_proj(tok["clips"]),
+                                                    holds, tok["frame_mask"])
 
         weighted = {name: w[name] * value for name, value in losses.items()}
         total = sum(weighted.values()) if weighted else batch.frames.new_zeros(())

@@ -47,6 +47,17 @@ def merge_adjacent_pairs(tokens: torch.Tensor, sizes: torch.Tensor, frame_map: t
     return out, slot_sizes.gather(1, keep), new_index.gather(1, frame_map)
 
 
+def merge_schedule(n_tokens: int, target: int) -> tuple[int, ...]:
+    """MSC's 128 -> 80 -> 52 -> 32; for other lengths, steps keeping about 5/8 of the tokens (an even count)."""
+    if (n_tokens, target) == (128, 32):
+        return MSC_SCHEDULE
+    steps = []
+    while n_tokens > target:
+        n_tokens = max(target, 2 * round(n_tokens * 5 / 16))
+        steps.append(n_tokens)
+    return tuple(steps)
+
+
 def order_preserving_merge(frames: torch.Tensor, schedule=MSC_SCHEDULE) -> tuple[torch.Tensor, torch.Tensor,
                                                                                  torch.Tensor]:
     """Frames [B, N, D] merged step by step to schedule[-1] tokens: (tokens, sizes [B, K], frame -> token [B, N])."""

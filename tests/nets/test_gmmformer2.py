@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from prvr_cli.nets.factory import create_model, list_presets, load_config
-from prvr_cli.nets.gmmformer2 import MSC, GMMFormerV2, LayerMixer, last_valid_token
-from prvr_cli.nets.msc_losses import cross_branch_alignment
+from prvr_cli.nets.gmmformer2 import MSC, GMMFormerV2, LayerMixer
+from prvr_cli.nets.msc_losses import cross_branch_alignment, last_valid_token
 from prvr_cli.nets.mssl import SelfAttentionLayer
 from prvr_cli.nets.retrieval import TrainBatch
 from prvr_cli.nets.token_merge import adaptive_clip_count, bipartite_merge, redundancy

@@ -61,3 +61,17 @@ def test_span_means_first_used_in_inference_mode_still_train():
     x = torch.randn(2, 5, 3, requires_grad=True)
     span_means(x).sum().backward()             # training reuses it
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_encode_with_key_bias_is_the_layers_own_computation():
+    """Equal to the layer's training-path forward with the per-sample float mask, in eval mode too."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 16, 0.0, batch_first=True)
+    x = torch.randn(3, 4, 16)
+    sizes = torch.tensor([[1.0, 1, 6, 8], [5, 7, 2, 2], [6, 2, 2, 6]])
+    mask = sizes.log().repeat_interleave(2, 0).unsqueeze(1).expand(-1, 4, -1)
+    expected = layer(x, src_mask=mask)                                       # training path
+    layer.eval()
+    with torch.no_grad():
+        assert torch.allclose(layers.encode_with_key_bias(layer, x, sizes.log()), expected, atol=1e-6)
+        assert torch.allclose(layers.encode_with_key_bias(layer, x, torch.zeros(3, 4)), layer(x), atol=1e-5)

@@ -169,8 +169,8 @@ def test_each_loss_switch_removes_it(name):
     _, full = tiny_model().train()(batch)
     model = tiny_model(losses={name: 0.0}).train()
     calls = []
-    original = model.encode_videos
-    model.encode_videos = lambda *a: calls.append(1) or original(*a)
+    original = model._video_tokens
+    model._video_tokens = lambda *a: calls.append(1) or original(*a)
     torch.manual_seed(3)
     loss, terms = model(batch)
     assert name not in terms and set(terms) == set(full) - {name}
@@ -214,7 +214,7 @@ def test_cross_modal_reconstruction_reads_only_the_retrieved_prototype():
     model = tiny_model(losses={**off, "crecon": 1.0})
     batch = tiny_batch()
     kept = []
-    original = model.encode_videos
+    original = model._prototypes
 
     def encode_and_keep(*args):
         enc = original(*args)
@@ -223,7 +223,7 @@ def test_cross_modal_reconstruction_reads_only_the_retrieved_prototype():
         kept.append(enc)
         return enc
 
-    model.encode_videos = encode_and_keep
+    model._prototypes = encode_and_keep
     loss, _ = model(batch)
     loss.backward()
     q = model.encode_queries(batch.tokens, batch.token_mask)
@@ -385,3 +385,77 @@ def test_cross_attention_matches_torch_multihead_attention():
     ref_out, ref_attn = block.attn(q, k, k, key_padding_mask=~mask, need_weights=True, average_attn_weights=True)
     assert torch.allclose(attn, ref_attn, atol=1e-6)
     assert (attn[1, :, 4:] == 0).all()
+
+
+# ------------------------------------------------------------------ MSC's remedies as switches
+MSC_SWITCHES = {"tcpl_distance": 15.0, "tcpl_angle": 30.0, "cbva": 0.1}
+
+
+@pytest.mark.parametrize("name", list(MSC_SWITCHES))
+def test_each_msc_switch_adds_only_its_loss(name):
+    batch = tiny_batch()
+    torch.manual_seed(3)
+    _, base = tiny_model().train()(batch)
+    model = tiny_model(losses={name: MSC_SWITCHES[name]}).train()
+    torch.manual_seed(3)
+    loss, terms = model(batch)
+    assert set(terms) == set(base) | {name}
+    assert loss.item() == pytest.approx(sum(terms.values()), rel=1e-5)
+    loss.backward()
+    assert hasattr(model, "align_proj") == (name == "cbva")        # the projection exists only to train CBVA
+
+
+def test_tcpl_term_is_the_msc_loss_on_both_pooled_queries():
+    from prvr_cli.nets.msc_losses import distance_distillation, last_valid_token
+    off = {k: 0.0 for k in ["nce", "triplet", "crecon", "urecon", "attn", "ortho"]}
+    model = tiny_model(losses={**off, "tcpl_distance": 2.0}).eval()
+    batch = tiny_batch()
+    _, terms = model(batch)
+    q = model.encode_queries(batch.tokens, batch.token_mask)
+    teacher = last_valid_token(batch.tokens, batch.token_mask)
+    expected = sum(distance_distillation(v, teacher) for v in (q.clip, q.frame)) / 2
+    assert terms == {"tcpl_distance": pytest.approx(2.0 * expected.item(), rel=1e-5)}
+
+
+def test_cbva_positives_are_the_clips_sharing_a_frame_token():
+    """A 3-frame video has 4 clips: some frame tokens are held by two clips, all of them positives."""
+    from prvr_cli.nets import msc_losses
+    model = tiny_model(losses={"cbva": 1.0}).eval()
+    batch = tiny_batch()
+    seen = {}
+    original = msc_losses.cross_branch_alignment
+
+    def spy(frames, clips, holds, mask=None):
+        seen["holds"], seen["mask"] = holds, mask
+        return original(frames, clips, holds, mask)
+    import prvr_cli.nets.protoprvr as proto
+    proto.cross_branch_alignment, saved = spy, proto.cross_branch_alignment
+    try:
+        model(batch)
+    finally:
+        proto.cross_branch_alignment = saved
+    holds, mask = seen["holds"], seen["mask"]
+    short = holds[-1][mask[-1]]                                          # the 3-frame video: 3 frame tokens
+    assert short.shape == (3, 4) and short.any(1).all() and (short.sum(1) >= 1).all() and short.sum() == 4
+    long = holds[0][mask[0]]                                             # 8 frame tokens over 4 clips: 2 each
+    assert torch.equal(long.sum(0), torch.full((4,), 2)) and torch.equal(long.sum(1), torch.ones(8, dtype=torch.long))
+
+
+def test_merged_clip_tokens_map_onto_real_frames_and_do_not_depend_on_the_batch():
+    model = tiny_model(clip_tokens="merged").eval()
+    batch = tiny_batch()
+    with torch.no_grad():
+        enc = model.encode_videos(batch.frames, batch.frame_mask)
+        B, T = batch.frame_mask.shape
+        assert torch.allclose(enc.clip_attn.sum(-1), torch.ones(B, 5), atol=1e-5)
+        assert (enc.clip_attn.masked_select(~batch.frame_mask[:, None, :].expand_as(enc.clip_attn)) == 0).all()
+        n = int(batch.frame_mask[1].sum())
+        one = model.encode_videos(batch.frames[1:2, :n], batch.frame_mask[1:2, :n])
+        assert torch.allclose(one.clip, enc.clip[1:2], atol=1e-5)
+        uniform = tiny_model().eval().encode_videos(batch.frames, batch.frame_mask)
+        assert not torch.allclose(uniform.clip, enc.clip, atol=1e-3)
+
+
+def test_unknown_clip_tokens_is_a_usage_error():
+    with pytest.raises(UsageError, match="clip_tokens"):
+        tiny_model(clip_tokens="kmeans")

@@ -9,11 +9,13 @@ It takes settings already resolved (flag > PRVR_* > config file): a value of Non
 from __future__ import annotations
 
 import os
+
+import numpy as np
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import IndexMissingError, MismatchError, UsageError
-from .index.search import Hit, attach_highlights, rank
+from .index.search import Hit, attach_highlights, rank, rerank
 from .index.meta import META_FILE, describe_builder
 from .index.store import Index
 from .pipeline.discover import Discovered, discover
@@ -125,8 +127,11 @@ class Library:
 
     def search(self, queries: list[str], k: int = 10, *, keep_duplicates: bool = False,
                clip_model: str | None = None, clip_pretrained: str | None = None,
-               model: str | None = None) -> SearchResults:
-        """The k best videos for each query, with highlights; identical copies are one hit unless kept apart."""
+               model: str | None = None, rerank_depth: int = 0) -> SearchResults:
+        """The k best videos for each query, with highlights; identical copies are one hit unless kept apart.
+
+        With `rerank_depth` K, the first stage's top K are reordered by the model's text-proxy head.
+        """
         idx = self.filled_index()
         source = self._encoder_source(idx, clip_model, clip_pretrained, default_weights=False)
         for value, flag in zip(source, ("--clip-model", "--clip-pretrained")):
@@ -139,8 +144,17 @@ class Library:
         m = idx.search_matrices()
         q_clip, q_frame = builder.encode_queries(encoder, queries)
         weights = tuple(idx.builder_spec["branch_weights"])
-        ranked = rank(m.paths, m.clip, m.frame, q_clip, q_frame, weights, k,
+        if rerank_depth:
+            scorer = builder.proxy_scorer()      # refuses a model without a proxy head before any scoring
+        ranked = rank(m.paths, m.clip, m.frame, q_clip, q_frame, weights, max(k, rerank_depth),
                       copy_of=None if keep_duplicates else m.copy_of)
+        if rerank_depth:
+            where = {p: i for i, p in enumerate(m.paths)}
+            for qi, hits in enumerate(ranked):
+                videos = np.array([where[h.path] for h in hits[:rerank_depth]], dtype=np.int64)
+                extra = scorer(q_clip[qi], q_frame[qi], m.clip[videos], m.frame[videos])
+                ranked[qi] = rerank(hits, rerank_depth, extra, scorer.gamma)
+        ranked = [hits[:k] for hits in ranked]
         rows = idx.rows(sorted({h.path for hits in ranked for h in hits}),
                         ["timestamps", "attn_clip", "attn_frame", "duration", "fps"])
         for hits in ranked:

@@ -205,6 +205,38 @@ def accuracy_cmd(
     write_line(json.dumps(result) if as_json else accuracy.markdown(result))
 
 
+@bench_app.command("rerank")
+def rerank_cmd(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint with a text-proxy head "
+                                    "(`prvr train --proxy-head`)."),
+    data: Path = DataOpt,
+    collection: str = CollectionOpt,
+    feature: str = FeatureOpt,
+    depths: str = typer.Option("50,100", "--k", help="Re-ranking depths K to measure, comma-separated."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the val hold-out (as in training)."),
+    device: str = TrainDeviceOpt,
+    as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+):
+    """Test R@K and SumR with and without text-proxy re-ranking of the top K, and the added time per query."""
+    from ..bench.rerank import bench_rerank
+    from ..devices import resolve_device
+    from ..training.feature_layouts import load_features
+
+    ks = _int_list(depths, "--k")
+    _say(f"loading {data} ({collection}/{feature})")
+    res = bench_rerank(checkpoint, load_features(data, collection, feature, seed=seed), ks, resolve_device(device))
+    if as_json:
+        write_line(json.dumps(res))
+        return
+    write_line(f"{res['method']} with its text-proxy head (gamma {res['gamma']}, chosen on val); test: "
+               f"{res['queries']} queries, {res['videos']} videos; {res['device']}, {res['torch_threads']} threads")
+    _table(["re-ranked", "R@1", "R@5", "R@10", "R@100", "SumR", "added ms/query"],
+           [["none" if r["k"] == 0 else f"top {r['k']}", *(f"{r[m]:.2f}" for m in ("R@1", "R@5", "R@10", "R@100",
+                                                                                   "SumR")), r["ms_per_query"]]
+            for r in res["rows"]])
+    write_line(f"load average {res['load_average']}")
+
+
 @bench_app.command("train")
 def train_cmd(
     data: Path = DataOpt,

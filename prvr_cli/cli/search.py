@@ -31,14 +31,18 @@ def search(
     device: Optional[str] = DeviceOpt,
     keep_duplicates: bool = typer.Option(False, "--keep-duplicates", help="List identical copies of a file as "
                                          "separate hits (by default they are one hit, with the others as copies)."),
+    rerank: int = typer.Option(0, "--rerank", metavar="K", help="Reorder the first stage's top K with the model's "
+                               "text-proxy head (an index built with a `prvr train --proxy-head` checkpoint)."),
 ):
     """Rank indexed videos for a query, with the time ranges that match it."""
     fmt = _format(as_json, as_jsonl, paths_only, nul)
     k = settings.resolve("top_k", top_k, int)
     if not 1 <= k <= 10000:
         raise UsageError(f"-k {k}: ask for between 1 and 10000 results")
+    if not 0 <= rerank <= 10000:
+        raise UsageError(f"--rerank {rerank}: re-rank between 1 and 10000 candidates (0 turns it off)")
     queries, refused = _read_queries(query)
-    results = open_library(index, device).search(queries, k, keep_duplicates=keep_duplicates,
+    results = open_library(index, device).search(queries, k, keep_duplicates=keep_duplicates, rerank_depth=rerank,
                                                  **encoder_choice(clip_model, clip_pretrained, model))
     for q, cut in results.cut_tokens.items():
         stderr.print(f"prvr: warning: query {q[:40]!r}... is longer than the text encoder reads: its last {cut} "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -48,12 +49,21 @@ def train_command(
     device: str = TrainDeviceOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt."),
     sets: List[str] = SetOpt,
+    proxy_head: Optional[Path] = typer.Option(
+        None, "--proxy-head", help="Add a text-proxy re-ranking head to this trained checkpoint (base frozen); "
+        "writes --out/proxy.pt for `prvr search --rerank K`. --set proxy.KEY=VALUE sets the head."),
     as_json: bool = typer.Option(False, "--json", help="Print the final summary as JSON on stdout."),
 ) -> None:
     """Train a model; progress on stderr, checkpoints and metrics.json in --out."""
     from ..training.loop import train
 
     _check_sources(data, collection, index, captions)
+    if proxy_head is not None:
+        summary = _train_proxy(proxy_head, sets, out, epochs, batch_videos, lr, seed, device,
+                               _dataset(data, collection, feature, text_feature, index, captions, seed))
+        if as_json:
+            write_line(json.dumps(summary))
+        return
     config = _config(preset, sets, epochs, batch_videos, lr)
     if train_videos is not None and train_videos < 2:
         raise UsageError(f"--train-videos {train_videos}: use at least 2 videos (or leave it out for all)")
@@ -98,3 +108,22 @@ def _dataset(data, collection, feature, text_feature, index, captions, seed: int
     if index is not None:
         return load_index(index, captions, seed=seed)
     return load_features(data, collection, feature, text_feature=text_feature, seed=seed)
+
+
+def _train_proxy(checkpoint: Path, sets: list[str], out: Path, epochs, batch_videos, lr, seed: int, device: str,
+                 dataset) -> dict:
+    """`prvr train --proxy-head`: only proxy.KEY settings apply; the base model's own data source is given again."""
+    from ..devices import resolve_device
+    from ..training.proxy import train_proxy_head
+
+    overrides = parse_sets(sets)
+    wrong = sorted(k for k in overrides if not k.startswith("proxy."))
+    if wrong:
+        raise UsageError(f"--proxy-head takes only --set proxy.KEY=VALUE, not {', '.join(wrong)}")
+    for flag, value in (("--epochs", epochs), ("--batch-videos", batch_videos), ("--lr", lr)):
+        if value is not None and value <= 0:
+            raise UsageError(f"{flag} must be positive, got {value}")
+    return train_proxy_head(checkpoint, dataset, out, epochs=epochs or 5, batch_videos=batch_videos or 32,
+                            lr=lr or 1e-4, device=resolve_device(device), seed=seed,
+                            overrides={k.split(".", 1)[1]: v for k, v in overrides.items()},
+                            log=lambda line: print(line, file=sys.stderr, flush=True))

@@ -81,6 +81,20 @@ def rank(paths: list[str], clip: np.ndarray, frame: np.ndarray, q_clip: np.ndarr
     return results
 
 
+def rerank(hits: list[Hit], depth: int, proxy: np.ndarray, gamma: float) -> list[Hit]:
+    """The first `depth` hits reordered by score + gamma * proxy (their new score); the rest kept, in order.
+
+    `proxy` holds one proxy score per hit among the first `depth`; ranks are renumbered from 1.
+    """
+    head, tail = hits[:depth], hits[depth:]
+    for hit, extra in zip(head, proxy):
+        hit.score = float(hit.score + gamma * float(extra))
+    head = sorted(head, key=lambda h: -h.score)
+    for r, hit in enumerate(head + tail, 1):
+        hit.rank = r
+    return head + tail
+
+
 def highlight_ranges(attention: np.ndarray, timestamps: np.ndarray, duration: float, fps: float,
                      mass: float = 0.5, max_ranges: int = 3) -> list[dict]:
     """Time ranges of the frames that carry the top `mass` of `attention` [T], merged, strongest first.

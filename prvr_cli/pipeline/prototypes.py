@@ -25,7 +25,7 @@ import torch
 
 from ..nets import layers
 from .discover import hash_file
-from ..errors import MismatchError
+from ..errors import MismatchError, UsageError
 
 
 @dataclass
@@ -74,6 +74,10 @@ class ZeroShotPrototypes:
         self.iterations, self.temperature = iterations, temperature
         self.branch_weights = (0.5, 0.5)
         self.span_to_token = layers.span_to_token(n_clips)
+
+    def proxy_scorer(self):
+        raise UsageError("--rerank needs an index built with a trained model that has a text-proxy head "
+                         "(`prvr train --proxy-head`, then `prvr reindex --model proxy.pt`); this index is zero-shot")
 
     def spec(self) -> dict:
         return {"kind": self.kind, "n_prototypes": self.n_prototypes, "n_clips": self.n_clips,
@@ -163,6 +167,13 @@ class TrainedPrototypes:
         out = [_normalize(enc.clip[0]), _normalize(enc.frame[0]), enc.clip_attn[0], enc.frame_attn[0]]
         return VideoPrototypes(*(t.float().cpu().numpy() for t in out))
 
+    def proxy_scorer(self) -> "ProxyScorer":
+        """The checkpoint's text-proxy re-ranking head (`prvr train --proxy-head`)."""
+        from ..nets.text_proxy import load_proxy_head
+
+        head, gamma = load_proxy_head(self.meta, int(self.model.output_dim))
+        return ProxyScorer(head.to(self.device), gamma, self.branch_weights, self.device)
+
     @torch.inference_mode()
     def encode_queries(self, encoder, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         tokens = encoder.encode_text_tokens(texts)
@@ -174,3 +185,20 @@ class TrainedPrototypes:
             mask[i, :len(t)] = True
         q = self.model.encode_queries(padded.to(self.device), mask.to(self.device))
         return _normalize(q.clip).cpu().numpy(), _normalize(q.frame).cpu().numpy()
+
+
+class ProxyScorer:
+    """Proxy scores of one query against its candidates' stored vectors, both branches, weighted as the first stage."""
+
+    def __init__(self, head, gamma: float, branch_weights: tuple[float, float], device: str):
+        self.head, self.gamma, self.weights, self.device = head, gamma, branch_weights, device
+
+    @torch.inference_mode()
+    def __call__(self, q_clip: np.ndarray, q_frame: np.ndarray, clip: np.ndarray, frame: np.ndarray) -> np.ndarray:
+        """q_* [D] and the candidates' stored vectors [K, Lp, D] -> proxy score [K]."""
+        total = 0.0
+        for w, q, vectors in zip(self.weights, (q_clip, q_frame), (clip, frame)):
+            v = torch.from_numpy(np.asarray(vectors, dtype=np.float32)).to(self.device)
+            t = torch.from_numpy(np.asarray(q, dtype=np.float32)).to(self.device).expand(len(v), -1)
+            total = total + w * self.head.pair_scores(t, v, torch.ones(v.shape[:2], dtype=torch.bool, device=self.device))
+        return total.float().cpu().numpy()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from prvr_cli.pipeline.prototypes import ZeroShotPrototypes
 from prvr_cli.index.search import Hit, attach_highlights, max_prototype_scores, highlight_ranges, rank
@@ -79,3 +80,15 @@ def test_zero_shot_prototypes_find_a_distinct_segment():
     assert p.frame_attn[best, 30:40].sum() > 0.9
     best = np.argmax(p.clip @ b)
     assert p.clip_attn[best, 30:40].sum() > 0.6
+
+
+def test_rerank_reorders_only_within_the_top_k():
+    from prvr_cli.index.search import Hit, rerank
+
+    hits = [Hit(r, s, f"v{r}.mp4", 0.0, 0.0, 0, 0) for r, s in enumerate([0.9, 0.8, 0.7, 0.6, 0.5], 1)]
+    out = rerank(hits, 3, np.array([0.0, 0.0, 1.0]), gamma=0.5)
+    assert [h.path for h in out] == ["v3.mp4", "v1.mp4", "v2.mp4", "v4.mp4", "v5.mp4"]
+    assert [h.rank for h in out] == [1, 2, 3, 4, 5]
+    assert out[0].score == pytest.approx(1.2) and out[3].score == pytest.approx(0.6)
+    same = rerank([Hit(r, s, f"w{r}", 0.0, 0.0, 0, 0) for r, s in enumerate([0.9, 0.8], 1)], 2, np.zeros(2), 1.0)
+    assert [h.path for h in same] == ["w1", "w2"]

@@ -17,6 +17,7 @@ SMALL = {
     "protoprvr": {"hidden_size": 16, "n_heads": 2, "ff_size": 16, "n_prototypes": 4, "n_clips": 4, "max_frames": 8},
     "mssl": {"hidden_size": 16, "n_heads": 2, "n_clips": 4, "max_frames": 8},
     "gmmformer": {"hidden_size": 16, "n_heads": 2, "n_clips": 4, "max_frames": 8},
+    "msc": {"hidden_size": 16, "n_heads": 2, "n_clips": 4, "max_frames": 8, "gauss_widths": [0.5]},
 }
 TRAIN = {"batch_videos": 8, "max_epochs": 1, "lr": 1e-3}
 
@@ -43,8 +44,8 @@ def test_plan_shares_the_full_model_between_tables(tiny_bench):
     _, presets = tiny_bench
     variants = bench_accuracy.plan_variants(presets, presets[0], [2, 4, 8], list(bench_accuracy.TABLES), {})
     names = [v.name for v in variants]
-    # 3 methods + 4 ablation rows that differ from the full model + 2 prototype counts that differ
-    assert len(variants) == 9 and len(set(names)) == 9
+    # 4 methods + 4 ablation rows that differ from the full model + 2 prototype counts that differ
+    assert len(variants) == 10 and len(set(names)) == 10
     full = next(v for v in variants if v.name == "tiny_protoprvr")
     assert sorted(t for t, _ in full.rows) == ["ablation", "methods", "prototypes"]
     retrieval = next(v for v in variants if ("ablation", "retrieval") in v.rows)
@@ -66,7 +67,9 @@ def test_bench_accuracy_trains_measures_and_reuses(cli, tiny_bench, tmp_path):
     assert code == 0, err
     res = json.loads(out)
     rows = {(t, label): r for r in res["results"] for t, label in r["rows"]}
-    assert {label for t, label in rows if t == "methods"} == {"protoprvr", "mssl", "gmmformer"}
+    assert {label for t, label in rows if t == "methods"} == {"protoprvr", "mssl", "gmmformer", "msc"}
+    msc = rows[("methods", "msc")]
+    assert msc["vectors_per_video"] == 4 + 8 and msc["bytes_per_video"] == 12 * 16 * 2   # 4 clips + 8 frame tokens
     assert len([1 for t, _ in rows if t == "ablation"]) == 5
     assert {label for t, label in rows if t == "prototypes"} == {"2", "4"}
     proto = rows[("methods", "protoprvr")]

@@ -94,6 +94,7 @@ class ProtoPRVRConfig(BranchModelConfig):
     crecon_temperature: float = 0.07
     crecon_layers: int = 1
     attn_beta: float = 0.2
+    nce_temperature: float = 0.0     # 0: InfoNCE on raw max dot products (MS-SL); > 0: on max cosine / temperature
     clip_tokens: str = "uniform"    # or "merged": MSC's order-preserving merging of 128 frames, +log(size) attention
     tcpl_angle_anchors: int = 128
 
@@ -312,8 +313,10 @@ class ProtoPRVR(RetrievalModel):
             hard = batch.epoch >= self.hard_negative_start
             losses["triplet"] = sum(triplet_loss(scores[b][0], vi, self.margin, hard, self.hard_pool)
                                     for b in BRANCHES)
-        if w["nce"] > 0:  # retrieval: InfoNCE per branch on raw dot products, as MS-SL
-            losses["nce"] = sum(infonce_loss(max_dot(query[b], protos[b]), vi) for b in BRANCHES)
+        if w["nce"] > 0:  # retrieval: InfoNCE per branch on raw dot products (as MS-SL), or on cosine / temperature
+            tau = self.cfg.nce_temperature
+            losses["nce"] = sum(infonce_loss(scores[b][0], vi, tau) if tau else
+                                infonce_loss(max_dot(query[b], protos[b]), vi) for b in BRANCHES)
         if w["crecon"] > 0:  # masked query tokens rebuilt from the retrieved prototype p* of the positive video
             p_star = torch.stack([protos[b][vi, scores[b][1][rows, vi]] for b in BRANCHES])  # [2, Q, H]
             losses["crecon"] = self._cross_modal_reconstruction(projected, token_mask, p_star)

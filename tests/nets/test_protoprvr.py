@@ -459,3 +459,15 @@ def test_merged_clip_tokens_map_onto_real_frames_and_do_not_depend_on_the_batch(
 def test_unknown_clip_tokens_is_a_usage_error():
     with pytest.raises(UsageError, match="clip_tokens"):
         tiny_model(clip_tokens="kmeans")
+
+
+def test_nce_temperature_scores_the_max_cosine():
+    off = {k: 0.0 for k in ["triplet", "crecon", "urecon", "attn", "ortho"]}
+    model = tiny_model(nce_temperature=0.05, losses={**off, "nce": 1.0}).eval()
+    batch = tiny_batch()
+    _, terms = model(batch)
+    q = model.encode_queries(batch.tokens, batch.token_mask)
+    v = model.encode_videos(batch.frames, batch.frame_mask)
+    expected = sum(infonce_loss(max_cosine(qb, pb, mb).values / 0.05, batch.video_index)
+                   for qb, pb, mb in ((q.clip, v.clip, v.clip_mask), (q.frame, v.frame, v.frame_mask)))
+    assert terms["nce"] == pytest.approx(expected.item(), rel=1e-5)

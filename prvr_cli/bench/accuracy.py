@@ -5,6 +5,8 @@ Variants, each trained into its own run folder under `runs`:
     methods     each preset as it is (ProtoPRVR, MS-SL, GMMFormer by default)
     ablation    ProtoPRVR with its auxiliary losses added in turn to the retrieval losses (the paper's Table 4)
     prototypes  ProtoPRVR with 10, 20, 30 and 60 prototypes per branch (the paper's Table 5)
+    msc         (on request) GMMFormer-v2, then TCPL, CBVA, token merging and adaptive CBVA added in turn (MSC)
+    remedies    (on request) ProtoPRVR with each of MSC's remedies alone, and all three
 
 Variants with the same config share one run (the full ProtoPRVR appears in all three tables).
 Every variant gets the same budget (epochs, batch size, training videos). A finished run with
@@ -27,11 +29,23 @@ from .common import load_average, matching_flops
 from .storage import storage_metrics
 from ..errors import UsageError
 from ..nets.config import STOP_KEYS
-from ..nets.factory import canonical, load_checkpoint, load_config, override
+from ..nets.factory import canonical, list_presets, load_checkpoint, load_config, override
 from ..training.loop import train
 
 AUX_LOSSES = ("crecon", "urecon", "attn", "ortho")   # added in this order in the ablation
-TABLES = ("methods", "ablation", "prototypes")
+TABLES = ("methods", "ablation", "prototypes", "msc", "remedies")
+DEFAULT_TABLES = ("methods", "ablation", "prototypes")
+# MSC's ablation in the paper's shape: GMMFormer-v2, then each remedy added in turn (the last row is MSC)
+MSC_STEPS = (("GMMFormer-v2", {"tcpl_distance_weight": 0.0, "tcpl_angle_weight": 0.0, "cbva_weight": 0.0,
+                               "token_merge": False, "cbva_adaptive": False}),
+             ("+TCPL", {"cbva_weight": 0.0, "token_merge": False, "cbva_adaptive": False}),
+             ("+CBVA", {"token_merge": False, "cbva_adaptive": False}),
+             ("+token merging", {"cbva_adaptive": False}),
+             ("+adaptive CBVA", {}))
+# MSC's remedies as ProtoPRVR switches, each alone and all together, at MSC's weights
+REMEDIES = {"TCPL": {"model.losses.tcpl_distance": 15.0, "model.losses.tcpl_angle": 30.0},
+            "CBVA": {"model.losses.cbva": 0.1},
+            "merged clips": {"model.clip_tokens": "merged"}}
 DEFAULT_STORAGE = "float16"
 SOURCE_KEYS = ("layout", "collection", "feature", "train_subset", "train_subset_seed")
 
@@ -51,15 +65,27 @@ def full_config(config: dict) -> dict:
 
 
 def plan_variants(presets: list[str], ablation_preset: str, prototype_counts: list[int], tables: list[str],
-                  budget: dict) -> list[Variant]:
+                  budget: dict, msc_preset: str = "msc_anet") -> list[Variant]:
     """The distinct configs to train, in order, each with the rows it fills."""
     wanted: list[tuple[str, dict, str, str]] = []   # (name, config, table, label)
+    if "msc" in tables:
+        msc = load_config(msc_preset)
+        if msc["method"] != "msc":
+            raise UsageError(f"--msc-preset {msc_preset!r} is a {msc['method']} preset; the msc table needs an msc one")
+        for i, (label, switches) in enumerate(MSC_STEPS):
+            cfg = override(msc, {**budget, **{f"model.{k}": v for k, v in switches.items()}})
+            name = msc["preset"] if not switches else f"{msc['preset']}-{i}"
+            if i == 0:          # the base is GMMFormer-v2 itself: its preset for the same data, when there is one
+                twin = msc["preset"].replace("msc", "gmmformer2", 1)
+                if twin in list_presets():
+                    cfg, name = override(load_config(twin), budget), twin
+            wanted.append((name, cfg, "msc", label))
     if "methods" in tables:
         for preset in presets:
             cfg = load_config(preset)
             wanted.append((cfg["preset"], override(cfg, budget), "methods", cfg["method"]))
     base = load_config(ablation_preset)
-    if base["method"] != "protoprvr" and ("ablation" in tables or "prototypes" in tables):
+    if base["method"] != "protoprvr" and {"ablation", "prototypes", "remedies"} & set(tables):
         raise UsageError(f"--ablation-preset {ablation_preset!r} is a {base['method']} preset; "
                          "the ablation and prototype tables need a protoprvr preset")
     if "ablation" in tables:
@@ -69,6 +95,12 @@ def plan_variants(presets: list[str], ablation_preset: str, prototype_counts: li
             cfg = override(base, {**budget, **{f"model.losses.{loss}": 0 for loss in off}})
             wanted.append((f"{base['preset']}-" + "-".join(["no"] + list(off)) if off else base["preset"],
                            cfg, "ablation", label))
+    if "remedies" in tables:
+        wanted.append((base["preset"], override(base, budget), "remedies", "ProtoPRVR"))
+        for label, sets in list(REMEDIES.items()) + [("all three", {k: v for d in REMEDIES.values()
+                                                                  for k, v in d.items()})]:
+            slug = label.replace(" ", "-").lower()
+            wanted.append((f"{base['preset']}-{slug}", override(base, {**budget, **sets}), "remedies", f"+{label}"))
     if "prototypes" in tables:
         default_lp = base["model"].get("n_prototypes", 30)
         for lp in prototype_counts:
@@ -144,11 +176,12 @@ def measure(variant: Variant, summary: dict, data, device: str) -> dict:
 
 
 def bench_accuracy(data, runs: Path, presets: list[str], ablation_preset: str, prototype_counts: list[int],
-                   tables: list[str], budget: dict, device: str, seed: int, console) -> dict:
+                   tables: list[str], budget: dict, device: str, seed: int, console, msc_preset: str = "msc_anet"
+                   ) -> dict:
     """Train (or reuse) every variant, then measure each on the test split. Returns the full result."""
     if "test" not in data.splits:
         raise UsageError("the dataset has no test split; `prvr bench accuracy` reports test-split accuracy")
-    variants = plan_variants(presets, ablation_preset, prototype_counts, tables, budget)
+    variants = plan_variants(presets, ablation_preset, prototype_counts, tables, budget, msc_preset)
     say(console, f"{len(variants)} runs to train or reuse: {', '.join(v.name for v in variants)}")
     runs.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -216,6 +249,13 @@ def markdown(result: dict) -> str:
             ["losses", *(f"L_{x}" for x in AUX_LOSSES), *recall_h],
             [[label, *("x" if r["config"]["model"]["losses"].get(x, 1) > 0 else "" for x in AUX_LOSSES),
               *_recalls(r["metrics"])] for label, r in ablation]) + [""]
+    for table, title in (("msc", "MSC ablation: GMMFormer-v2 and each remedy added in turn"),
+                         ("remedies", "MSC's remedies on ProtoPRVR")):
+        rows = _rows(result, table)
+        if rows:
+            lines += [f"### {title}", ""] + _md(["model", *recall_h, "bytes/video"],
+                                                 [[label, *_recalls(r["metrics"]), f"{r['bytes_per_video']:,}"]
+                                                  for label, r in rows]) + [""]
     protos = _rows(result, "prototypes")
     if protos:
         lines += ["### Prototypes per branch (ProtoPRVR)", ""] + _md(
@@ -255,6 +295,13 @@ def plot(result: dict, folder: Path) -> list[Path]:
         written.append(folder / "sumr_vs_memory.png")
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
+    for table, title in (("msc", "MSC ablation: GMMFormer-v2 and each remedy added in turn"),
+                         ("remedies", "MSC's remedies on ProtoPRVR")):
+        rows = _rows(result, table)
+        if rows:
+            lines += [f"### {title}", ""] + _md(["model", *recall_h, "bytes/video"],
+                                                 [[label, *_recalls(r["metrics"]), f"{r['bytes_per_video']:,}"]
+                                                  for label, r in rows]) + [""]
     protos = _rows(result, "prototypes")
     if protos:
         pts = sorted((int(label), r["metrics"]["SumR"]) for label, r in protos)
@@ -272,7 +319,8 @@ def plot(result: dict, folder: Path) -> list[Path]:
 
 def run(data_root: Path, collection: str, feature: str, runs: Path, presets: list[str], ablation_preset: str,
         prototype_counts: list[int], tables: list[str], epochs: int | None, batch_videos: int | None,
-        train_videos: int | None, seed: int, device: str, plots: Path | None, console) -> dict:
+        train_videos: int | None, seed: int, device: str, plots: Path | None, console,
+        msc_preset: str = "msc_anet") -> dict:
     """`prvr bench accuracy`: check the request, load the data, train or reuse every run, score it, and write
     the record (runs/bench_accuracy*.json) and the plots."""
     from ..devices import resolve_device
@@ -296,10 +344,10 @@ def run(data_root: Path, collection: str, feature: str, runs: Path, presets: lis
     say(console, f"loading {data_root} ({collection}/{feature})")
     dataset = load_features(data_root, collection, feature, seed=seed).with_train_subset(train_videos, seed)
     result = bench_accuracy(dataset, runs, presets, ablation_preset, prototype_counts, tables, budget, device, seed,
-                            console)
+                            console, msc_preset)
     result["plots"] = [str(p) for p in plot(result, plots or runs)]
     # the full report keeps its own name, so a partial rerun (--tables) never replaces it
-    record = runs / ("bench_accuracy.json" if set(tables) == set(TABLES) else f"bench_accuracy-{'+'.join(tables)}.json")
+    record = runs / ("bench_accuracy.json" if set(tables) == set(DEFAULT_TABLES) else f"bench_accuracy-{'+'.join(tables)}.json")
     record.write_text(json.dumps(result, indent=2))
     say(console, f"results in {record}; plots: {', '.join(result['plots'])}")
     return result

@@ -184,7 +184,10 @@ def accuracy_cmd(
     ablation_preset: str = typer.Option("protoprvr_anet", "--ablation-preset",
                                         help="ProtoPRVR preset for the ablation and prototype tables."),
     prototypes: str = typer.Option("10,20,30,60", "--prototypes", help="Prototype counts per branch to compare."),
-    tables: str = typer.Option("methods,ablation,prototypes", "--tables", help="Which tables, comma-separated."),
+    tables: str = typer.Option("methods,ablation,prototypes", "--tables", help="Which tables, comma-separated: "
+                               "methods, ablation, prototypes; msc (MSC's ablation) and remedies (MSC's remedies "
+                               "on ProtoPRVR) on request."),
+    msc_preset: str = typer.Option("msc_anet", "--msc-preset", help="MSC preset for the msc table."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs for every run [default: the presets']."),
     batch_videos: Optional[int] = typer.Option(None, "--batch-videos", help="Videos per step for every run."),
     train_videos: Optional[int] = typer.Option(None, "--train-videos",
@@ -201,7 +204,7 @@ def accuracy_cmd(
 
     result = accuracy.run(data, collection, feature, runs, _names(presets), ablation_preset,
                           _int_list(prototypes, "--prototypes"), _names(tables), epochs, batch_videos, train_videos,
-                          seed, device, plots, Console(stderr=True, soft_wrap=True, highlight=False))
+                          seed, device, plots, Console(stderr=True, soft_wrap=True, highlight=False), msc_preset)
     write_line(json.dumps(result) if as_json else accuracy.markdown(result))
 
 

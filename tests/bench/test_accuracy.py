@@ -42,7 +42,7 @@ def tiny_bench(tmp_path):
 
 def test_plan_shares_the_full_model_between_tables(tiny_bench):
     _, presets = tiny_bench
-    variants = bench_accuracy.plan_variants(presets, presets[0], [2, 4, 8], list(bench_accuracy.TABLES), {})
+    variants = bench_accuracy.plan_variants(presets, presets[0], [2, 4, 8], list(bench_accuracy.DEFAULT_TABLES), {})
     names = [v.name for v in variants]
     # 4 methods + 4 ablation rows that differ from the full model + 2 prototype counts that differ
     assert len(variants) == 10 and len(set(names)) == 10
@@ -135,3 +135,21 @@ def test_train_subset_keeps_whole_videos_with_their_queries(tmp_path):
     assert data.with_train_subset(None) is data and data.with_train_subset(100) is data
     with pytest.raises(DataError):
         data.with_train_subset(1)
+
+
+def test_msc_and_remedies_tables_are_planned_in_the_papers_shape():
+    variants = bench_accuracy.plan_variants(["gmmformer2_anet", "msc_anet"], "protoprvr_anet", [],
+                                            ["methods", "msc", "remedies"], {"train.max_epochs": 1})
+    rows = {(t, label): v for v in variants for t, label in v.rows}
+    msc = [rows[("msc", label)].config["model"] for label, _ in bench_accuracy.MSC_STEPS]
+    assert rows[("msc", "GMMFormer-v2")] is rows[("methods", "gmmformer2")]        # one run, two tables
+    assert rows[("msc", "+adaptive CBVA")] is rows[("methods", "msc")]
+    on = [[m.get("tcpl_distance_weight", 0) > 0, m.get("cbva_weight", 0) > 0, m.get("token_merge", False),
+           m.get("cbva_adaptive", False)] for m in msc]
+    assert on == [[False] * 4, [True, False, False, False], [True, True, False, False], [True, True, True, False],
+                  [True] * 4]
+    remedies = {label: rows[("remedies", label)].config["model"] for t, label in rows if t == "remedies"}
+    assert set(remedies) == {"ProtoPRVR", "+TCPL", "+CBVA", "+merged clips", "+all three"}
+    assert remedies["+CBVA"]["losses"]["cbva"] == 0.1 and remedies["+CBVA"]["losses"]["tcpl_distance"] == 0
+    assert remedies["+all three"]["clip_tokens"] == "merged" and remedies["+all three"]["losses"]["tcpl_angle"] == 30
+    assert remedies["ProtoPRVR"]["clip_tokens"] == "uniform"

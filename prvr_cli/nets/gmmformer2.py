@@ -177,7 +177,6 @@ class GMMFormerV2(WeightedBranchModel):
         if cfg.cbva_weight > 0:
             self.align_proj = nn.Linear(D, D)                        # CBVA only: never used to encode
         init_weights(self, cfg.init_std)
-        nn.init.normal_(self.weight_token)
 
     # ---- encoding -------------------------------------------------------------------------
     def _encode(self, frames: torch.Tensor, frame_mask: torch.Tensor) -> dict:

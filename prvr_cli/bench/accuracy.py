@@ -81,9 +81,11 @@ def plan_variants(presets: list[str], ablation_preset: str, prototype_counts: li
                     cfg, name = override(load_config(twin), budget), twin
             wanted.append((name, cfg, "msc", label))
     if "methods" in tables:
-        for preset in presets:
-            cfg = load_config(preset)
-            wanted.append((cfg["preset"], override(cfg, budget), "methods", cfg["method"]))
+        configs = [load_config(preset) for preset in presets]
+        methods = [cfg["method"] for cfg in configs]
+        for cfg in configs:   # a row is named by its method, or by its preset when two rows share a method
+            label = cfg["method"] if methods.count(cfg["method"]) == 1 else cfg["preset"]
+            wanted.append((cfg["preset"], override(cfg, budget), "methods", label))
     base = load_config(ablation_preset)
     if base["method"] != "protoprvr" and {"ablation", "prototypes", "remedies"} & set(tables):
         raise UsageError(f"--ablation-preset {ablation_preset!r} is a {base['method']} preset; "

@@ -153,3 +153,16 @@ def test_msc_and_remedies_tables_are_planned_in_the_papers_shape():
     assert remedies["+CBVA"]["losses"]["cbva"] == 0.1 and remedies["+CBVA"]["losses"]["tcpl_distance"] == 0
     assert remedies["+all three"]["clip_tokens"] == "merged" and remedies["+all three"]["losses"]["tcpl_angle"] == 30
     assert remedies["ProtoPRVR"]["clip_tokens"] == "uniform"
+
+
+def test_methods_rows_sharing_a_method_are_named_by_preset(tmp_path):
+    from prvr_cli.nets.factory import load_config
+
+    variant = load_config("protoprvr_anet")
+    variant["model"]["nce_temperature"] = 0.05
+    variant.pop("preset")
+    path = tmp_path / "protoprvr_cos.json"
+    path.write_text(json.dumps(variant))
+    variants = bench_accuracy.plan_variants(["protoprvr_anet", str(path), "mssl_anet"], "protoprvr_anet", [],
+                                            ["methods"], {})
+    assert [label for v in variants for _, label in v.rows] == ["protoprvr_anet", "protoprvr_cos", "mssl"]

@@ -297,13 +297,6 @@ def plot(result: dict, folder: Path) -> list[Path]:
         written.append(folder / "sumr_vs_memory.png")
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
-    for table, title in (("msc", "MSC ablation: GMMFormer-v2 and each remedy added in turn"),
-                         ("remedies", "MSC's remedies on ProtoPRVR")):
-        rows = _rows(result, table)
-        if rows:
-            lines += [f"### {title}", ""] + _md(["model", *recall_h, "bytes/video"],
-                                                 [[label, *_recalls(r["metrics"]), f"{r['bytes_per_video']:,}"]
-                                                  for label, r in rows]) + [""]
     protos = _rows(result, "prototypes")
     if protos:
         pts = sorted((int(label), r["metrics"]["SumR"]) for label, r in protos)

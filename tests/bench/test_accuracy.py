@@ -166,3 +166,16 @@ def test_methods_rows_sharing_a_method_are_named_by_preset(tmp_path):
     variants = bench_accuracy.plan_variants(["protoprvr_anet", str(path), "mssl_anet"], "protoprvr_anet", [],
                                             ["methods"], {})
     assert [label for v in variants for _, label in v.rows] == ["protoprvr_anet", "protoprvr_cos", "mssl"]
+
+
+def test_msc_and_remedies_rows_are_reported_and_plotted(tmp_path):
+    metrics = {"R@1": 1.0, "R@5": 2.0, "R@10": 3.0, "R@100": 4.0, "SumR": 10.0}
+    result = {"data": {"layout": "h5", "collection": "toy", "feature": "cg", "test_videos": 2, "test_queries": 3,
+                       "train_videos": 4}, "budget": {}, "seed": 0, "date": "2026-11-24",
+              "machine": {"processor": "x86_64", "device": "cpu"}, "storage_default": "float16",
+              "results": [{"rows": [["msc", "+TCPL"]], "metrics": metrics, "bytes_per_video": 1234},
+                          {"rows": [["remedies", "+CBVA"]], "metrics": metrics, "bytes_per_video": 99}]}
+    md = bench_accuracy.markdown(result)
+    assert "### MSC ablation" in md and "| +TCPL | 1.00 | 2.00 | 3.00 | 4.00 | 10.00 | 1,234 |" in md
+    assert "### MSC's remedies on ProtoPRVR" in md and "| +CBVA |" in md
+    assert bench_accuracy.plot(result, tmp_path) == []           # neither table has a plot

@@ -149,9 +149,8 @@ class Library:
         ranked = rank(m.paths, m.clip, m.frame, q_clip, q_frame, weights, max(k, rerank_depth),
                       copy_of=None if keep_duplicates else m.copy_of)
         if rerank_depth:
-            where = {p: i for i, p in enumerate(m.paths)}
             for qi, hits in enumerate(ranked):
-                videos = np.array([where[h.path] for h in hits[:rerank_depth]], dtype=np.int64)
+                videos = np.array([h.video for h in hits[:rerank_depth]], dtype=np.int64)
                 extra = scorer(q_clip[qi], q_frame[qi], m.clip[videos], m.frame[videos])
                 ranked[qi] = rerank(hits, rerank_depth, extra, scorer.gamma)
         ranked = [hits[:k] for hits in ranked]

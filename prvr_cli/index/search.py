@@ -46,6 +46,7 @@ class Hit:
     duration: float = 0.0
     highlights: list[dict] = field(default_factory=list)
     copies: list[str] = field(default_factory=list)  # other paths of the same file content
+    video: int = -1                                   # row of the search matrices (not printed)
 
     def as_dict(self) -> dict:
         return {"rank": self.rank, "score": round(self.score, 6), "path": self.path, "copies": self.copies,
@@ -76,7 +77,7 @@ def rank(paths: list[str], clip: np.ndarray, frame: np.ndarray, q_clip: np.ndarr
         top = np.argpartition(-total[qi], k - 1)[:k]
         top = top[np.argsort(-total[qi, top], kind="stable")]
         results.append([Hit(r + 1, float(total[qi, v]), paths[v], float(s_clip[qi, v]), float(s_frame[qi, v]),
-                            int(a_clip[qi, v]), int(a_frame[qi, v]), copies=copies.get(int(v), []))
+                            int(a_clip[qi, v]), int(a_frame[qi, v]), copies=copies.get(int(v), []), video=int(v))
                         for r, v in enumerate(top)])
     return results
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..errors import UsageError
 from .config import Settings
+from .retrieval_losses import infonce_loss
 
 
 @dataclass(frozen=True)
@@ -116,8 +117,6 @@ class TextProxyHead(nn.Module):
     def loss(self, t: torch.Tensor, videos: torch.Tensor, mask: torch.Tensor, video_index: torch.Tensor
              ) -> dict[str, torch.Tensor]:
         """Lp and Lpos (weighted) for queries t [Q, D] of a batch of videos; video_index [Q] gives each query's own."""
-        from .retrieval_losses import infonce_loss
-
         proxy = self.proxies(t, videos, mask)                                       # [Q, B, D]
         scale = self.log_scale.exp().clamp(max=100.0)
         own = proxy[torch.arange(len(t), device=t.device), video_index]             # [Q, D]

@@ -115,10 +115,9 @@ def train_proxy_head(checkpoint: Path, data: PRVRData, out: Path, *, epochs: int
         order = torch.randperm(data.splits["train"].n_videos)
         total, steps = 0.0, 0
         for lo in range(0, len(order), batch_videos):
-            vids = order[lo:lo + batch_videos]
+            vids = order[lo:lo + batch_videos].sort().values
             q = torch.nonzero(torch.isin(owner, vids)).flatten()
-            local = torch.searchsorted(vids.sort().values, owner[q])
-            vids = vids.sort().values
+            local = torch.searchsorted(vids, owner[q])                 # each query's video within the batch
             loss = 0.0
             for w, branch in zip(weights, BRANCHES):
                 vec, mask, qv = train[branch]

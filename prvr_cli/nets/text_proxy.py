@@ -125,6 +125,12 @@ class TextProxyHead(nn.Module):
                                                                                videos, mask), video_index)}
 
 
+def weighted_pair_scores(head: TextProxyHead, weights, branches) -> torch.Tensor:
+    """Sum over branches of weight * proxy pair score; `branches` holds one (t [P, D], videos [P, M, D],
+    mask [P, M]) per weight, e.g. the clip and frame branches weighted as the first stage weights them."""
+    return sum(w * head.pair_scores(t, videos, mask) for w, (t, videos, mask) in zip(weights, branches))
+
+
 def best_cosine(proxies: torch.Tensor, videos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[Q, B]: for each pair, the best cosine between proxies [Q, B, D] and the video's vectors [B, M, D]."""
     cos = torch.einsum("qbd,bmd->qbm", F.normalize(proxies, dim=-1), F.normalize(videos, dim=-1))

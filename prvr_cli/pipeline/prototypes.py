@@ -196,9 +196,11 @@ class ProxyScorer:
     @torch.inference_mode()
     def __call__(self, q_clip: np.ndarray, q_frame: np.ndarray, clip: np.ndarray, frame: np.ndarray) -> np.ndarray:
         """q_* [D] and the candidates' stored vectors [K, Lp, D] -> proxy score [K]."""
-        total = 0.0
-        for w, q, vectors in zip(self.weights, (q_clip, q_frame), (clip, frame)):
+        from ..nets.text_proxy import weighted_pair_scores
+
+        branches = []
+        for q, vectors in ((q_clip, clip), (q_frame, frame)):
             v = torch.from_numpy(np.asarray(vectors, dtype=np.float32)).to(self.device)
             t = torch.from_numpy(np.asarray(q, dtype=np.float32)).to(self.device).expand(len(v), -1)
-            total = total + w * self.head.pair_scores(t, v, torch.ones(v.shape[:2], dtype=torch.bool, device=self.device))
-        return total.float().cpu().numpy()
+            branches.append((t, v, torch.ones(v.shape[:2], dtype=torch.bool, device=self.device)))
+        return weighted_pair_scores(self.head, self.weights, branches).float().cpu().numpy()

@@ -17,7 +17,7 @@ from .datasets import PRVRData, Split
 from .evaluate import encode_split, gt_ranks, recall_metrics, score_encoded
 from .loop import seed_everything
 from ..nets.factory import load_checkpoint, save_checkpoint
-from ..nets.text_proxy import ProxyConfig, TextProxyHead
+from ..nets.text_proxy import ProxyConfig, TextProxyHead, weighted_pair_scores
 
 GAMMAS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
 BRANCHES = ("clip", "frame")
@@ -52,11 +52,8 @@ def proxy_pair_scores(head: TextProxyHead, weights, vectors: dict, queries: torc
     out = []
     for lo in range(0, len(queries), chunk):
         q, v = queries[lo:lo + chunk], videos[lo:lo + chunk]
-        total = 0.0
-        for w, branch in zip(weights, BRANCHES):
-            vec, mask, qv = vectors[branch]
-            total = total + w * head.pair_scores(qv[q], vec[v], mask[v])
-        out.append(total)
+        out.append(weighted_pair_scores(head, weights, [(vectors[b][2][q], vectors[b][0][v], vectors[b][1][v])
+                                                        for b in BRANCHES]))
     return torch.cat(out) if out else torch.empty(0)
 
 

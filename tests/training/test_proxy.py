@@ -44,6 +44,13 @@ def test_train_proxy_head_writes_a_checkpoint_with_gamma(cli, tmp_path, base_che
     base, _ = load_checkpoint(base_checkpoint)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values()))
     assert meta["proxy"]["config"]["n_layers"] == 1 and meta["metrics"] == {"val": {"SumR": 1.0}}
+    code, out, err = cli("bench", "rerank", "--checkpoint", tmp_path / "proxy" / "proxy.pt", "--data",
+                         tmp_path / "data", "--collection", "toy", "--k", "2,3", "--device", "cpu", "--json", index=False)
+    assert code == 0, err
+    rows = json.loads(out)["rows"]
+    assert [r["k"] for r in rows] == [0, 2, 3] and all(r["ms_per_query"] >= 0 for r in rows)
+    if summary["gamma"] == 0:                                       # re-ranking with gamma 0 changes nothing
+        assert all(r["SumR"] == rows[0]["SumR"] for r in rows)
     code, _, err = cli("train", "--proxy-head", base_checkpoint, "--data", tmp_path / "data", "--collection", "toy",
                        "--out", tmp_path / "p2", "--set", "model.hidden_size=8", index=False)
     assert code == ExitCode.USAGE and "proxy.KEY" in err

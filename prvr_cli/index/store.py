@@ -187,9 +187,26 @@ class Index:
         except Exception as e:
             missing = isinstance(e, (FileNotFoundError, ValueError)) or "not found" in str(e).lower() \
                 or "does not exist" in str(e).lower()
-            if missing and not (self.root / "db" / f"{name}.lance").exists():
+            folder = self.root / "db" / f"{name}.lance"
+            if missing and not folder.exists():
                 return None
+            if missing and not any((folder / "_versions").glob("*.manifest")) and self.writer_active():
+                return None   # a writer is creating it this moment: no version committed yet
             raise self.unreadable(f"its {name} table") from e
+
+    def writer_active(self) -> bool:
+        """Whether a process holds the writer lock now (asks the OS; never blocks, never takes the lock)."""
+        try:
+            fd = os.open(self.root / ".lock", os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
 
     def unreadable(self, what: str) -> CorruptError:
         """The error for damaged table files, in our words (PRVR_DEBUG=1 shows the storage engine's own)."""

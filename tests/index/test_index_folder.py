@@ -9,6 +9,8 @@ import sys
 
 from pathlib import Path
 
+import pytest
+
 from prvr_cli.errors import ExitCode
 
 from tests.helpers import as_another_user
@@ -126,3 +128,20 @@ def test_a_superseded_version_within_the_grace_stays_readable(cli, videos):
 def test_compact_needs_an_index(cli):
     code, _, err = cli("compact")
     assert code == ExitCode.NO_INDEX and "prvr ingest" in err
+
+
+def test_a_table_being_created_reads_as_not_yet_written(cli, videos):
+    """A search during the first ingest may see a table folder with no committed version yet: while a writer holds
+    the lock that is an empty index, not a damaged one; with no writer it is damage."""
+
+    from prvr_cli.errors import CorruptError
+    from prvr_cli.index.store import Index
+
+    assert cli.ingest(videos)[0] == 0
+    shutil.rmtree(cli.index / "db" / "videos.lance" / "_versions")          # data files, no version: mid-creation
+    reader = Index.open(cli.index)
+    assert not reader.writer_active()
+    with pytest.raises(CorruptError):
+        reader.videos
+    with Index.open(cli.index).lock():
+        assert reader.writer_active() and reader.videos is None

@@ -97,8 +97,12 @@ class ProtoPRVRConfig(BranchModelConfig):
     nce_temperature: float = 0.0     # 0: InfoNCE on raw max dot products (MS-SL); > 0: on max cosine / temperature
     clip_tokens: str = "uniform"    # or "merged": MSC's order-preserving merging of 128 frames, +log(size) attention
     tcpl_angle_anchors: int = 128
+    prototype_attention: str = "keys"   # softmax over the keys, or "competitive": over the prototypes (slot attention)
 
     def __post_init__(self):
+        if self.prototype_attention not in ("keys", "competitive"):
+            raise UsageError(f"model.prototype_attention {self.prototype_attention!r} is not supported; "
+                             "use 'keys' or 'competitive'")
         if self.clip_tokens not in ("uniform", "merged"):
             raise UsageError(f"model.clip_tokens {self.clip_tokens!r} is not supported; use 'uniform' or 'merged'")
         if self.clip_tokens == "merged" and self.max_frames < self.n_clips:
@@ -122,8 +126,12 @@ class CrossAttentionBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, queries, keys, key_mask=None, spans: bool = False):
+    def forward(self, queries, keys, key_mask=None, spans: bool = False, competitive: bool = False):
         """Attend from `queries` [B, Nq, D] to `keys` [B, Nk, D].
+
+        With `competitive=True` the softmax runs over the queries instead of the keys (as in slot
+        attention): the queries compete for each key, and each query then takes the weighted mean of
+        the keys it won. Queries that lose every key still average the keys by their small weights.
 
         With `spans=True`, `keys` are clip tokens and the real keys are the means of all their contiguous
         spans. Projecting keys and values is linear (and the span means are convex), so the model
@@ -141,7 +149,13 @@ class CrossAttentionBlock(nn.Module):
         scores = split(F.linear(queries, w_q, b_q)) @ split(k).transpose(-1, -2) / head_dim ** 0.5
         if key_mask is not None:
             scores = scores.masked_fill(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
-        weights = scores.softmax(-1)                                                  # [B, heads, Nq, Nk]
+        if competitive:
+            weights = scores.softmax(-2)
+            if key_mask is not None:
+                weights = weights * key_mask[:, None, None, :]
+            weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-8)
+        else:
+            weights = scores.softmax(-1)                                              # [B, heads, Nq, Nk]
         out = self.attn.out_proj((weights @ split(v)).transpose(1, 2).reshape(n_batch, n_queries, dim))
         x = self.norm1(queries + self.drop(out))
         x = self.norm2(x + self.drop(self.ffn(x)))
@@ -156,7 +170,8 @@ class PrototypeGenerator(nn.Module):
     Returns prototypes [B, P, D] and the last round's attention over tokens [B, P, N].
     """
 
-    def __init__(self, n_prototypes: int, dim: int, heads: int, ff_dim: int, iterations: int, dropout: float):
+    def __init__(self, n_prototypes: int, dim: int, heads: int, ff_dim: int, iterations: int, dropout: float,
+                 competitive: bool = False):
         super().__init__()
         if iterations < 1 or n_prototypes < 1:
             raise UsageError(f"protoprvr needs n_prototypes >= 1 and iterations >= 1, "
@@ -164,13 +179,14 @@ class PrototypeGenerator(nn.Module):
         self.init = nn.Parameter(torch.randn(n_prototypes, dim))  # unit scale, like DETR's object queries
         self.block = CrossAttentionBlock(dim, heads, ff_dim, dropout)
         self.iterations = iterations
+        self.competitive = competitive
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None,
                 spans: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """With `spans=True` the tokens are clip tokens and the prototypes attend over all their spans."""
         x = self.init.to(tokens.dtype).unsqueeze(0).expand(tokens.shape[0], -1, -1)
         for _ in range(self.iterations):
-            x, attn = self.block(x, tokens, mask, spans)
+            x, attn = self.block(x, tokens, mask, spans, self.competitive)
         return x, attn
 
 
@@ -211,7 +227,8 @@ class ProtoPRVR(RetrievalModel):
             return nn.TransformerEncoderLayer(hidden, heads, ff_dim, dropout, batch_first=True)
 
         def prototypes():
-            return PrototypeGenerator(n_prototypes, hidden, heads, ff_dim, iterations, dropout)
+            return PrototypeGenerator(n_prototypes, hidden, heads, ff_dim, iterations, dropout,
+                                      cfg.prototype_attention == "competitive")
 
         # video branches
         self.frame_proj = InputProjection(video_dim, hidden, dropout)

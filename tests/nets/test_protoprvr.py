@@ -471,3 +471,33 @@ def test_nce_temperature_scores_the_max_cosine():
     expected = sum(infonce_loss(max_cosine(qb, pb, mb).values / 0.05, batch.video_index)
                    for qb, pb, mb in ((q.clip, v.clip, v.clip_mask), (q.frame, v.frame, v.frame_mask)))
     assert terms["nce"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_competitive_prototype_attention_normalises_over_prototypes_then_keys():
+    """Slot-attention weights: softmax over the prototypes per key and head, masked keys zero, rows renormalised."""
+    from prvr_cli.nets.protoprvr import CrossAttentionBlock
+
+    torch.manual_seed(2)
+    block = CrossAttentionBlock(16, 4, 32, 0.0).eval().double()
+    q, k = torch.randn(2, 3, 16, dtype=torch.float64), torch.randn(2, 7, 16, dtype=torch.float64)
+    mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
+    _, attn = block(q, k, mask, competitive=True)
+    w_q, w_k, _ = block.attn.in_proj_weight.chunk(3)
+    b_q, b_k, _ = block.attn.in_proj_bias.chunk(3)
+    heads = []
+    for h in range(4):
+        cols = slice(4 * h, 4 * h + 4)
+        logits = (q @ w_q[cols].T + b_q[cols]) @ (k @ w_k[cols].T + b_k[cols]).transpose(1, 2) / 2.0
+        share = logits.softmax(1) * mask[:, None, :]
+        heads.append(share / share.sum(-1, keepdim=True))
+    assert torch.allclose(attn, torch.stack(heads).mean(0), atol=1e-12)
+    assert (attn[1, :, 4:] == 0).all() and torch.allclose(attn.sum(-1), torch.ones(2, 3, dtype=torch.float64))
+
+
+def test_competitive_prototypes_train_and_unknown_attention_is_a_usage_error():
+    model = tiny_model(prototype_attention="competitive")
+    loss, _ = model(tiny_batch())
+    loss.backward()
+    assert torch.isfinite(loss) and model.frame_prototypes.competitive
+    with pytest.raises(UsageError, match="prototype_attention"):
+        tiny_model(prototype_attention="sparse")

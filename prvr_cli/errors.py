@@ -70,3 +70,8 @@ class DiskError(PrvrError, exit_code=ExitCode.DISK):
 
 class DecodeError(PrvrError, exit_code=ExitCode.PARTIAL):
     """One input video could not be decoded; ingest reports it and moves on."""
+
+
+def random_weights_warning(clip_model: str) -> str:
+    return f"CLIP model {clip_model} has random weights (--clip-pretrained none, seed 0): results are meaningless " \
+        "outside tests"

@@ -8,20 +8,24 @@ It takes settings already resolved (flag > PRVR_* > config file): a value of Non
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import IndexMissingError, MismatchError, UsageError
-from .index.search import Hit, attach_highlights, rank, rerank
-from .index.meta import META_FILE, describe_builder
+from .index.search import SearchResults, attach_highlights, rank, rerank
+from .index.meta import META_FILE, TEXT_FOLDER, describe_builder
 from .index.store import Index
 from .pipeline.discover import Discovered, discover
 from .devices import resolve_device
 from .pipeline.encode import FrameTextEncoder, describe, fingerprint
 from .pipeline.ingest import DECODE_TIMEOUT, Summary, make_plan, rebuild_rows, run_ingest
+from .query.searcher import Searcher
+
+log = logging.getLogger("prvr")
 
 DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED = "ViT-B-32", "openai"
 ZERO_SHOT = "zero-shot"
@@ -39,15 +43,6 @@ class IngestReport:
     def complete(self) -> bool:
         """No input failed or was skipped, and there was something to ingest."""
         return bool(self.found.files) and not self.found.skipped and not (self.summary and self.summary.failed)
-
-
-@dataclass
-class SearchResults:
-    """Hits per query, best first, and how many tokens of each overlong query the text encoder ignored."""
-
-    queries: list[str]
-    hits: list[list[Hit]]
-    cut_tokens: dict[str, int] = field(default_factory=dict)
 
 
 class Library:
@@ -108,6 +103,7 @@ class Library:
                                  else decode_timeout)
             if summary.new or summary.changed or summary.moved or summary.pruned:
                 idx.optimize()
+            self._export_query_side(idx, encoder, builder)   # after the videos: they come first on a full disk
         return IngestReport(found, summary, idx.root)
 
     def reindex(self, model: str, progress=None) -> dict:
@@ -119,6 +115,7 @@ class Library:
                 progress.begin(idx.count())
             rows = rebuild_rows(idx, builder, progress)
             idx.rebind_builder(builder.spec(), builder.output_dim(idx.encoder_spec["dim"]))
+            self._export_query_side(idx, None, builder)
             idx.recreate_videos_table(rows)
             idx.optimize()
         return {"videos": len(rows), "builder": builder.spec()["fingerprint"]}
@@ -127,11 +124,18 @@ class Library:
 
     def search(self, queries: list[str], k: int = 10, *, keep_duplicates: bool = False,
                clip_model: str | None = None, clip_pretrained: str | None = None,
-               model: str | None = None, rerank_depth: int = 0) -> SearchResults:
+               model: str | None = None, rerank_depth: int = 0, torch_free: bool = True) -> SearchResults:
         """The k best videos for each query, with highlights; identical copies are one hit unless kept apart.
 
         With `rerank_depth` K, the first stage's top K are reordered by the model's text-proxy head.
+        An index searched with its own encoder and model is searched without torch or LanceDB when its
+        exported query side and current search cache are there (`prvr_cli.query`); otherwise, or with
+        `torch_free=False`, the encoder and model are loaded, and the query side is exported for next time.
         """
+        if torch_free and not (clip_model or clip_pretrained or model or rerank_depth):
+            searcher = Searcher.open(self.root, self.cache / "indexes")
+            if searcher is not None:
+                return searcher.search(queries, k, keep_duplicates)
         idx = self.filled_index()
         source = self._encoder_source(idx, clip_model, clip_pretrained, default_weights=False)
         for value, flag in zip(source, ("--clip-model", "--clip-pretrained")):
@@ -141,6 +145,8 @@ class Library:
         encoder = FrameTextEncoder.load(*source, self.device, cache_dir=str(self.cache / "clip"))
         builder = self._builder(model or idx.recorded_model(), encoder.spec(), encoder.device)
         self._check_builder(idx, builder.spec(), hint="search without --model or run `prvr reindex --model`")
+        if not (clip_model or clip_pretrained or model):
+            self._export_query_side(idx, encoder, builder)
         m = idx.search_matrices()
         q_clip, q_frame = builder.encode_queries(encoder, queries)
         weights = tuple(idx.builder_spec["branch_weights"])
@@ -217,6 +223,22 @@ class Library:
         if old is not None and old["fingerprint"] != spec["fingerprint"]:
             raise MismatchError(f"index {idx.root} holds prototypes from {describe_builder(old)}, not "
                                 f"{describe_builder(spec)}; {hint}")
+
+    @staticmethod
+    def _export_query_side(idx: Index, encoder, builder) -> None:
+        """Export what a torch-free search of `idx` needs and is missing or stale (`pipeline.export`); a read-only
+        or full disk only costs the next search its speed."""
+        from .pipeline.export import export_query_branch, export_text_tower, read_config
+
+        try:
+            if encoder is not None:
+                export_text_tower(encoder, idx.root)
+            found = read_config(idx.root / TEXT_FOLDER, "query_branch")
+            if (found or {}).get("builder") != builder.spec()["fingerprint"]:
+                export_query_branch(builder, idx.root)
+        except Exception as e:  # noqa: BLE001 - an optimisation: any failure leaves the full path, never a lost write
+            log.warning("the query side was not exported to %s (%s); searches load the encoder with torch",
+                        idx.root, str(e).splitlines()[0][:160] if str(e) else type(e).__name__)
 
     @staticmethod
     def _builder(model: str | None, encoder_spec: dict, device: str):

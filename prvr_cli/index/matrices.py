@@ -5,10 +5,22 @@ automatically after any write. It holds float32, twice the table's fp16: convert
 every query cost about five times the matrix product itself (see docs/benchmarks.md). The
 first folder that can be written holds it; with none (a read-only index and no cache folder),
 the matrices are built in memory for this search only.
+
+A cache folder holds, for one version of the videos table:
+
+    proto_clip.npy, proto_frame.npy   prototypes [N, Lp, D], float32
+    copy_of.npy                       per video, the first video with the same content
+    rows.arrow                        per video (same order): path, duration, fps, timestamps and the prototypes'
+                                      frame attention, for highlights (an Arrow IPC file, memory-mapped)
+    videos.json                       the paths; written last, it marks the folder complete
+
+and `current.json` beside the folders names the version last cached, so a search that does not open
+LanceDB (`prvr_cli.query`) finds it; it checks that version against the table's newest manifest.
 """
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -19,7 +31,9 @@ import numpy as np
 
 from ..errors import CorruptError, DiskError
 
-CACHE_KIND = "f32-3"  # the layout: float32 prototypes, paths in videos.json, copy_of.npy
+CACHE_KIND = "f32-4"  # the layout: float32 prototypes, paths in videos.json, copy_of.npy, rows.arrow
+POINTER = "current.json"
+ROW_COLUMNS = ["path", "duration", "fps", "timestamps", "attn_clip", "attn_frame"]
 
 
 class SearchMatrices(NamedTuple):
@@ -50,6 +64,7 @@ def load_matrices(table, proto_dim: int, folders: list[Path]) -> SearchMatrices:
         return _read_table(table, proto_dim)  # nowhere to write: search from memory
     try:
         videos = json.loads((cache / "videos.json").read_text())
+        _point_at(folder, table.version)
         return SearchMatrices(videos["paths"], np.load(cache / "copy_of.npy"),
                               np.load(cache / "proto_clip.npy", mmap_mode="r"),
                               np.load(cache / "proto_frame.npy", mmap_mode="r"))
@@ -84,6 +99,7 @@ def _build_cache(table, dim: int, cache: Path) -> None:
         np.save(tmp / "proto_clip.npy", m.clip)
         np.save(tmp / "proto_frame.npy", m.frame)
         np.save(tmp / "copy_of.npy", m.copy_of)
+        _write_rows(table, m.paths, tmp / "rows.arrow")
         (tmp / "videos.json").write_text(json.dumps({"paths": m.paths}))
         try:
             os.replace(tmp, cache)
@@ -100,3 +116,66 @@ def _build_cache(table, dim: int, cache: Path) -> None:
     for old in cache.parent.glob("videos-v*"):
         if old != cache and ".tmp" not in old.name:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_rows(table, paths: list[str], target: Path) -> None:
+    """The highlight columns of every video, in the order of `paths`, as an Arrow IPC file."""
+    import pyarrow as pa
+
+    rows = table.to_arrow().select(ROW_COLUMNS)
+    order = {p: i for i, p in enumerate(rows["path"].to_pylist())}
+    rows = rows.take(pa.array([order[p] for p in paths], pa.int64())).combine_chunks()
+    with pa.OSFile(str(target), "wb") as sink, pa.ipc.new_file(sink, rows.schema) as writer:
+        writer.write_table(rows)
+
+
+def _point_at(folder: Path, version: int) -> None:
+    """Record in `folder` that the cache of `version` is complete (atomically; a failure only costs speed)."""
+    tmp = folder / f"{POINTER}.tmp{os.getpid()}"
+    try:
+        tmp.write_text(json.dumps({"version": int(version), "kind": CACHE_KIND}))
+        os.replace(tmp, folder / POINTER)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def cache_folders(root: Path, user_cache: Path | None) -> list[Path]:
+    """Where an index's search matrices may be: its own cache folder, else one per index under the user's cache."""
+    folders = [root / "cache"]
+    if user_cache is not None:  # where a read-only index keeps them: a folder per index, by its path
+        folders.append(Path(user_cache) / hashlib.sha1(str(root).encode()).hexdigest()[:16])
+    return folders
+
+
+def latest_version(table_dir: Path) -> int | None:
+    """The newest committed version of a Lance table, from its manifest file names (None if there is none).
+
+    Lance names a manifest by its version, or (its newer naming) by 2^64 - 1 minus the version.
+    """
+    versions = []
+    try:
+        names = os.listdir(table_dir / "_versions")
+    except OSError:
+        return None
+    for name in names:
+        stem, dot, ext = name.partition(".")
+        if ext == "manifest" and stem.isdigit():
+            n = int(stem)
+            versions.append(n if n < 1 << 63 else (1 << 64) - 1 - n)
+    return max(versions, default=None)
+
+
+def published(root: Path, user_cache: Path | None) -> Path | None:
+    """The complete cache folder of the videos table's newest version, if a search or a writer has made one."""
+    newest = latest_version(root / "db" / "videos.lance")
+    if newest is None:
+        return None
+    for folder in cache_folders(root, user_cache):
+        try:
+            pointer = json.loads((folder / POINTER).read_text())
+        except (OSError, ValueError):
+            continue
+        cache = folder / f"videos-v{newest}-{CACHE_KIND}"
+        if pointer.get("version") == newest and pointer.get("kind") == CACHE_KIND and (cache / "videos.json").exists():
+            return cache
+    return None

@@ -55,6 +55,15 @@ class Hit:
                 "prototypes": {"clip": self.clip_prototype, "frame": self.frame_prototype}}
 
 
+@dataclass
+class SearchResults:
+    """Hits per query, best first, and how many tokens of each overlong query the text encoder ignored."""
+
+    queries: list[str]
+    hits: list[list[Hit]]
+    cut_tokens: dict[str, int] = field(default_factory=dict)
+
+
 def rank(paths: list[str], clip: np.ndarray, frame: np.ndarray, q_clip: np.ndarray, q_frame: np.ndarray,
          weights: tuple[float, float], k: int, copy_of: np.ndarray | None = None) -> list[list[Hit]]:
     """Top-k hits for each query (best first).

@@ -25,7 +25,6 @@ import contextlib
 import datetime
 import errno
 import fcntl
-import hashlib
 import os
 import shutil
 import time
@@ -38,7 +37,7 @@ os.environ.setdefault("LANCE_LOG", "error")
 import numpy as np  # noqa: E402
 
 from ..errors import CorruptError, DiskError, IndexMissingError, LockedError  # noqa: E402
-from .matrices import SearchMatrices, load_matrices  # noqa: E402
+from .matrices import SearchMatrices, cache_folders, load_matrices  # noqa: E402
 from .meta import FORMAT_VERSION, META_FILE, read_meta, write_meta  # noqa: E402
 from .rows import VideoRecord, schemas, sql_str, to_table  # noqa: E402
 
@@ -175,6 +174,7 @@ class Index:
             os.pwrite(fd, str(os.getpid()).encode(), 0)
             self.meta = read_meta(self.root)  # the previous holder may have changed it
             yield self
+            self.publish()
         finally:
             os.close(fd)
 
@@ -385,6 +385,18 @@ class Index:
 
     # ----- search matrices ----------------------------------------------------------------
 
+    def publish(self) -> None:
+        """After a write, cache the newest version's search matrices, so the next search (torch-free) starts at once.
+
+        A failure here loses no data: the next search builds them instead.
+        """
+        try:
+            if self.count():
+                self.search_matrices()
+        except (OSError, DiskError, CorruptError) as e:
+            warnings.warn(f"index {self.root}: the search cache was not refreshed ({e}); the next search builds it",
+                          stacklevel=2)
+
     def search_matrices(self) -> SearchMatrices:
         """Every video's path, content hash and prototypes per branch, cached per table version (`matrices`).
 
@@ -394,7 +406,4 @@ class Index:
         if table is None or table.count_rows() == 0:
             raise IndexMissingError(f"index {self.root} is empty; add videos with `prvr ingest PATH`")
         self._snapshot = table
-        folders = [self.root / "cache"]
-        if self.cache_dir is not None:  # where a read-only index keeps them: a folder per index, by its path
-            folders.append(Path(self.cache_dir) / hashlib.sha1(str(self.root).encode()).hexdigest()[:16])
-        return load_matrices(table, int(self.meta["proto_dim"]), folders)
+        return load_matrices(table, int(self.meta["proto_dim"]), cache_folders(self.root, self.cache_dir))

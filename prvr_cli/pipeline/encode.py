@@ -19,7 +19,7 @@ import numpy as np
 
 from ..devices import resolve_device
 from .discover import hash_file
-from ..errors import UsageError, WeightsError
+from ..errors import UsageError, WeightsError, random_weights_warning
 
 log = logging.getLogger("prvr")
 
@@ -124,8 +124,7 @@ class FrameTextEncoder:
         if model_name.endswith(".json"):
             open_clip.add_model_config(Path(source["clip_model"]))
         if weights is None:
-            warnings.warn(f"CLIP model {name} has random weights (--clip-pretrained none, seed 0): "
-                          "results are meaningless outside tests", stacklevel=2)
+            warnings.warn(random_weights_warning(name), stacklevel=2)
         precision = "fp16" if device.startswith("cuda") else "fp32"
         try:
             # random weights are seeded, so ingest and search in different processes agree

@@ -1,0 +1,92 @@
+"""Search without torch or LanceDB: the exported text side and the published search matrices of an index.
+
+`Searcher.open` returns None unless everything a search needs is there and current: the text
+tower exported for the index's encoder, the query branch for its trained model (none for zero-shot),
+and the search cache of the videos table's newest version. The caller then searches the full way.
+Results equal the full path's: the same float32 weights, matrices, ranking and highlights.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import random_weights_warning
+from ..index.matrices import published
+from ..index.meta import META_FILE, TEXT_FOLDER, read_meta
+from ..index.search import SearchResults, attach_highlights, rank
+from .tokenizer import Tokenizer
+from .towers import QueryBranch, TextTower
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class Searcher:
+    """One index's query side and search matrices, loaded without torch."""
+
+    def __init__(self, meta: dict, text: Path, cache: Path, trained: bool):
+        import pyarrow as pa
+
+        self.tower = TextTower(text)
+        self.tokenizer = Tokenizer(text / "vocab.txt.gz", self.tower.config["context_length"])
+        self.branch = QueryBranch(text) if trained else None
+        self.weights = tuple(meta["builder"]["branch_weights"])
+        self.paths = json.loads((cache / "videos.json").read_text())["paths"]
+        self.copy_of = np.load(cache / "copy_of.npy")
+        self.clip = np.load(cache / "proto_clip.npy", mmap_mode="r")
+        self.frame = np.load(cache / "proto_frame.npy", mmap_mode="r")
+        self.rows = pa.ipc.open_file(pa.memory_map(str(cache / "rows.arrow"))).read_all()
+
+    @classmethod
+    def open(cls, root: Path, user_cache: Path | None = None) -> "Searcher | None":
+        """The index's torch-free searcher, or None when it lacks a current export or cache.
+
+        A damaged index.json raises the same CorruptError as the full path; anything else unexpected
+        returns None, and the full path reports it.
+        """
+        if not (root / META_FILE).is_file():
+            return None
+        meta = read_meta(root)
+        try:
+            text = root / TEXT_FOLDER
+            encoder, builder = meta["encoder"], meta["builder"]
+            clip_text = _read(text / "clip_text.json") or {}
+            if clip_text.get("encoder") != encoder["fingerprint"]:
+                return None
+            trained = builder.get("kind") == "trained"
+            if trained and (_read(text / "query_branch.json") or {}).get("builder") != builder["fingerprint"]:
+                return None
+            cache = published(root, user_cache)
+            if cache is None:
+                return None
+            if encoder.get("clip_pretrained") == "none":
+                warnings.warn(random_weights_warning(encoder.get("clip_model")), stacklevel=2)
+            return cls(meta, text, cache, trained)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None  # a damaged export or cache, or an unfinished index: the full path deals with it
+
+    def encode(self, queries: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Query vectors per branch [Q, D] (the pooled CLIP feature for zero-shot indexes)."""
+        ids = self.tokenizer(queries)
+        if self.branch is None:
+            q = self.tower.pooled(ids)
+            return q, q
+        vectors = [self.branch(tokens) for tokens in self.tower.per_token(ids)]
+        return np.stack([v[0] for v in vectors]), np.stack([v[1] for v in vectors])
+
+    def search(self, queries: list[str], k: int, keep_duplicates: bool = False) -> SearchResults:
+        q_clip, q_frame = self.encode(queries)
+        ranked = rank(self.paths, self.clip, self.frame, q_clip, q_frame, self.weights, k,
+                      copy_of=None if keep_duplicates else self.copy_of)
+        wanted = sorted({h.video for hits in ranked for h in hits})
+        rows = {row["path"]: row for row in self.rows.take(wanted).to_pylist()} if wanted else {}
+        for hits in ranked:
+            attach_highlights(hits, rows, self.weights)
+        return SearchResults(queries, ranked, {q: n for q in queries if (n := self.tokenizer.cut_tokens(q))})

@@ -1,0 +1,126 @@
+"""The torch-free query path: tokenizer, numpy towers and searcher against open_clip, ProtoPRVR and the full path."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from prvr_cli.index.matrices import POINTER
+from prvr_cli.library import Library
+from prvr_cli.pipeline.encode import FrameTextEncoder
+from prvr_cli.pipeline.export import export_query_branch, export_text_tower, text_tower_export
+from prvr_cli.pipeline.prototypes import TrainedPrototypes
+from prvr_cli.query.searcher import Searcher
+from prvr_cli.query.tokenizer import Tokenizer
+from prvr_cli.query.towers import QueryBranch, TextTower
+from tests.helpers import PALETTE, TINY_CLIP, make_video
+
+TEXTS = ["a person cooking", "Chase grabs his COFFEE!!", "naïve café — 2024's “best” <start_of_text> x",
+         "&amp;lt;b&amp;gt; don't   STOP", "日本語のテキスト 😀🎉", "x" * 300, " ".join(["word"] * 100), "",
+         "12345 3.14 a-b_c", "it's we'll they're I'm you've he'd", "Ünïcödé\u200b\tTAB\nnew"]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return FrameTextEncoder.load(TINY_CLIP, "none", "cpu")
+
+
+def test_tokenizer_gives_open_clips_ids(encoder):
+    from open_clip.tokenizer import default_bpe
+
+    ours = Tokenizer(default_bpe())
+    assert (ours(TEXTS) == encoder.tokenizer(TEXTS).numpy()).all()
+    assert [ours.cut_tokens(t) for t in TEXTS] == [encoder.cut_tokens(t) for t in TEXTS]
+    assert ours.cut_tokens(" ".join(["word"] * 100)) == 25
+
+
+def test_text_tower_matches_open_clip(encoder, tmp_path):
+    assert export_text_tower(encoder, tmp_path)
+    tower, tokenizer = TextTower(tmp_path / "text"), Tokenizer(tmp_path / "text" / "vocab.txt.gz")
+    ids = tokenizer(TEXTS)
+    assert np.abs(tower.pooled(ids) - encoder.encode_text(TEXTS)).max() < 1e-5
+    for ours, theirs in zip(tower.per_token(ids), encoder.encode_text_tokens(TEXTS)):
+        assert ours.shape == theirs.shape and np.abs(ours - theirs).max() < 1e-5
+
+
+def test_query_branch_matches_the_trained_model(encoder, tmp_path):
+    from prvr_cli.nets.factory import create_model, save_checkpoint
+
+    torch.manual_seed(3)
+    ckpt = tmp_path / "tiny.pt"
+    save_checkpoint(ckpt, create_model("protoprvr_anet", video_dim=32, text_dim=32), feature_source={})
+    builder = TrainedPrototypes.load(ckpt, encoder.spec())
+    export_query_branch(builder, tmp_path)
+    branch = QueryBranch(tmp_path / "text")
+    q_clip, q_frame = builder.encode_queries(encoder, TEXTS)
+    for i, tokens in enumerate(encoder.encode_text_tokens(TEXTS)):
+        clip, frame = branch(tokens)
+        assert np.abs(clip - q_clip[i]).max() < 1e-5 and np.abs(frame - q_frame[i]).max() < 1e-5
+
+
+def test_unsupported_text_towers_are_not_exported(tmp_path):
+    config = json.loads(Path(TINY_CLIP).read_text())
+    config["text_cfg"]["ls_init_value"] = 0.1    # layer scale: not what the numpy tower computes
+    (tmp_path / "ls-clip.json").write_text(json.dumps(config))
+    other = FrameTextEncoder.load(str(tmp_path / "ls-clip.json"), "none", "cpu")
+    assert text_tower_export(other) is None and not export_text_tower(other, tmp_path)
+    assert not (tmp_path / "text" / "clip_text.json").exists()
+
+
+def _hits(results):
+    return [[(h.path, round(h.score, 5), h.highlights, h.copies) for h in hits] for hits in results.hits]
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_searcher_gives_the_full_paths_results(cli, videos, tmp_path, trained):
+    assert cli.ingest(videos)[0] == 0
+    if trained:
+        from prvr_cli.nets.factory import create_model, save_checkpoint
+
+        save_checkpoint(tmp_path / "tiny.pt", create_model("protoprvr_anet", video_dim=32, text_dim=32),
+                        feature_source={})
+        assert cli("reindex", "--model", tmp_path / "tiny.pt")[0] == 0
+    library = Library.open(cli.index, tmp_path / "cache")
+    assert (cli.index / "text" / "clip_text.json").exists()
+    assert (cli.index / "text" / "query_branch.json").exists() == trained
+    searcher = Searcher.open(library.root, library.cache / "indexes")
+    assert searcher is not None
+    queries = ["a red screen", "blue then yellow"]
+    fast, full = searcher.search(queries, 4), library.search(queries, 4, torch_free=False)
+    assert _hits(fast) == _hits(full) and fast.hits[0][0].highlights
+
+
+def test_a_stale_or_missing_cache_falls_back_to_the_full_path(cli, videos, tmp_path, monkeypatch):
+    from prvr_cli.index.store import Index
+
+    assert cli.ingest(videos)[0] == 0
+    library = Library.open(cli.index, tmp_path / "cache")
+    assert Searcher.open(library.root) is not None
+    (cli.index / "cache" / POINTER).unlink()
+    assert Searcher.open(library.root) is None
+    assert len(library.search(["red"], 10).hits[0]) == 4       # the full path, which points at its cache again
+    assert Searcher.open(library.root) is not None
+
+    # a writer that stopped before refreshing the cache: the newest table version has none
+    monkeypatch.setattr(Index, "publish", lambda self: None)
+    make_video(videos / "new_white.mp4", [(255, 255, 255)] * 2)
+    assert cli.ingest(videos)[0] == 0
+    assert Searcher.open(library.root) is None
+    assert "new_white.mp4" in {Path(h.path).name for h in library.search(["white"], 10).hits[0]}
+
+
+def test_cli_search_imports_neither_torch_nor_lancedb(cli, videos, tmp_path):
+    assert cli.ingest(videos)[0] == 0
+    assert cli("search", "red")[0] == 0
+    script = ("import sys\nfrom prvr_cli.cli import main\ncode = main(sys.argv[1:])\n"
+              "print(sorted(m for m in ('torch', 'lancedb', 'open_clip') if m in sys.modules), file=sys.stderr)\n"
+              "sys.exit(code)")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    done = subprocess.run([sys.executable, "-c", script, "search", "a red screen", "--index", str(cli.index),
+                           "--paths-only"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "[]" and len(done.stdout.splitlines()) == 4

@@ -279,7 +279,7 @@ def plot(result: dict, folder: Path) -> list[Path]:
     methods = _rows(result, "methods")
     if methods:
         fig, ax = plt.subplots(figsize=(6, 4))
-        markers = dict(zip(quantize.KINDS, ("o", "s", "^")))
+        markers = dict(zip(quantize.KINDS, ("o", "s", "D", "^")))
         for label, r in methods:     # one colour per method, one marker per storage type
             xs = [s["bytes_per_video"] for s in r["storage"].values()]
             ys = [s["metrics"]["SumR"] for s in r["storage"].values()]

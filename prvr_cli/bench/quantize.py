@@ -1,4 +1,5 @@
-"""Storage types for stored vectors: float32, float16, and int8 with one scale per vector.
+"""Storage types for stored vectors: float32, float16, bfloat16 (what the search cache holds), and int8 with one
+scale per vector.
 
 int8 is symmetric per vector: scale = max|x| / 127, q = round(x / scale) in [-127, 127],
 x ~ q * scale. The scale is kept alongside as float32 (4 bytes per vector), so the
@@ -14,9 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UsageError
+from ..index.matrices import from_bfloat16, to_bfloat16
 
-KINDS = ("float32", "float16", "int8")
-ALIASES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16", "half": "float16"}
+KINDS = ("float32", "float16", "bfloat16", "int8")
+ALIASES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16", "half": "float16",
+           "bf16": "bfloat16"}
 BLOCK_ROWS = 1 << 18  # rows widened to float32 at once by int8_max_prototype_scores
 
 
@@ -40,6 +43,26 @@ class Int8Vectors:
         return int(self.codes.nbytes + self.scales.nbytes)
 
 
+@dataclass
+class BFloat16Vectors:
+    """bfloat16 bit patterns (uint16) [N, L, D], scanned like the search cache: widened block by block."""
+
+    bits: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.bits.nbytes)
+
+    @property
+    def shape(self) -> tuple:
+        return self.bits.shape
+
+    def blocks(self, rows: int):
+        per_block = max(1, rows // self.bits.shape[1])
+        for v0 in range(0, self.bits.shape[0], per_block):
+            yield v0, from_bfloat16(self.bits[v0:v0 + per_block])
+
+
 def quantize_int8(x: np.ndarray) -> Int8Vectors:
     """Symmetric per-vector int8 of x [..., D]; an all-zero vector gets scale 1 and codes 0."""
     x = np.asarray(x, dtype=np.float32)
@@ -58,6 +81,8 @@ def encode(x: np.ndarray, kind: str):
     kind = check_kind(kind)
     if kind == "int8":
         return quantize_int8(x)
+    if kind == "bfloat16":
+        return BFloat16Vectors(to_bfloat16(x))
     return np.asarray(x, dtype=np.float32 if kind == "float32" else np.float16)
 
 
@@ -65,6 +90,8 @@ def decode(stored) -> np.ndarray:
     """float32 vectors back from a stored form."""
     if isinstance(stored, Int8Vectors):
         return dequantize_int8(stored)
+    if isinstance(stored, BFloat16Vectors):
+        return from_bfloat16(stored.bits)
     return np.asarray(stored, dtype=np.float32)
 
 
@@ -73,13 +100,13 @@ def roundtrip(x: np.ndarray, kind: str) -> np.ndarray:
 
 
 def stored_nbytes(stored) -> int:
-    return stored.nbytes if isinstance(stored, Int8Vectors) else int(np.asarray(stored).nbytes)
+    return stored.nbytes if isinstance(stored, (Int8Vectors, BFloat16Vectors)) else int(np.asarray(stored).nbytes)
 
 
 def bytes_per_vector(dim: int, kind: str) -> int:
     """Bytes one stored vector of `dim` elements takes (int8 includes its float32 scale)."""
     kind = check_kind(kind)
-    return {"float32": 4 * dim, "float16": 2 * dim, "int8": dim + 4}[kind]
+    return {"float32": 4 * dim, "float16": 2 * dim, "bfloat16": 2 * dim, "int8": dim + 4}[kind]
 
 
 def int8_max_prototype_scores(v: Int8Vectors, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 
+from .. import settings
 from ..errors import UsageError
 from .options import CollectionOpt, DataOpt, FeatureOpt, PresetOpt, SetOpt, TrainDeviceOpt
 from .output import native_stderr_silenced, stderr, write_line
@@ -59,6 +60,13 @@ def search_cmd(
     cell_budget: float = typer.Option(60.0, "--cell-budget", help="Seconds per cell; long cells get fewer runs."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a log-log PNG of latency vs corpus size."),
     seed: int = typer.Option(0, "--seed"),
+    end_to_end: bool = typer.Option(False, "--end-to-end", help="Instead: time whole `prvr search` processes "
+                                    "(wall, peak memory) on synthetic indexes of each size."),
+    clip_model: str = typer.Option("ViT-B-32", "--clip-model", help="With --end-to-end: the indexes' encoder."),
+    clip_pretrained: str = typer.Option("none", "--clip-pretrained", help="With --end-to-end: its weights "
+                                        "(none: random, same speed)."),
+    folder: Optional[Path] = typer.Option(None, "--folder", help="With --end-to-end: where the synthetic indexes "
+                                          "are kept and reused [default: the user cache folder]."),
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
 ):
     """Query latency against corpus size for each method's exact scoring (synthetic stored vectors)."""
@@ -66,6 +74,18 @@ def search_cmd(
 
     if plot is not None and plot.suffix.lower() != ".png":
         raise UsageError(f"--plot {plot}: give a .png file name")
+    if end_to_end:
+        from ..bench.end_to_end import bench_end_to_end
+
+        result = bench_end_to_end(_int_list(sizes, "--sizes"), clip_model, clip_pretrained,
+                                  folder or settings.cache_home() / "bench-indexes", repeats, progress=_say)
+        if as_json:
+            write_line(json.dumps(result))
+        else:
+            _table(["videos", "median wall s", "max wall s", "peak RSS MiB", "search cache MiB", "load 1/5/15m"],
+                   [[c["n_videos"], c["median_wall_s"], c["max_wall_s"], c["peak_rss_mib"], c["cache_mib"],
+                     "/".join(f"{x:.1f}" for x in c["load_average"])] for c in result["cells"]])
+        return
     result = bench_search(_int_list(sizes, "--sizes"), _names(methods), queries, repeats, lancedb, mssl_frames,
                           mem_gib, cell_budget, lancedb_max, seed, progress=_say)
     if plot is not None:

@@ -1,14 +1,15 @@
-"""The search matrices: every video's prototypes per branch as one float32 array, cached per table version.
+"""The search matrices: every video's prototypes per branch as one array, cached per table version.
 
-A search scores these without parsing the table. The cache is memory-mapped and rebuilt
-automatically after any write. It holds float32, twice the table's fp16: converting fp16 on
-every query cost about five times the matrix product itself (see docs/benchmarks.md). The
-first folder that can be written holds it; with none (a read-only index and no cache folder),
-the matrices are built in memory for this search only.
+A search scores these without parsing the table. The cache is rebuilt automatically after any
+write. It holds bfloat16 (as uint16 bit patterns: numpy has no bfloat16), half of float32: a
+scan streams it through a fixed buffer and widens each block to float32 with a 16-bit shift,
+which costs a fraction of widening float16 (see docs/benchmarks.md), and the process never holds
+the whole cache. The first folder that can be written holds it; with none (a read-only index and
+no cache folder), the matrices are built in memory (float32) for this search only.
 
 A cache folder holds, for one version of the videos table:
 
-    proto_clip.npy, proto_frame.npy   prototypes [N, Lp, D], float32
+    proto_clip.npy, proto_frame.npy   prototypes [N, Lp, D], bfloat16 bits (uint16)
     copy_of.npy                       per video, the first video with the same content
     rows.arrow                        per video (same order): path, duration, fps, timestamps and the prototypes'
                                       frame attention, for highlights (an Arrow IPC file, memory-mapped)
@@ -31,7 +32,7 @@ import numpy as np
 
 from ..errors import CorruptError, DiskError
 
-CACHE_KIND = "f32-4"  # the layout: float32 prototypes, paths in videos.json, copy_of.npy, rows.arrow
+CACHE_KIND = "bf16-5"  # the layout: bfloat16 prototypes, paths in videos.json, copy_of.npy, rows.arrow
 POINTER = "current.json"
 ROW_COLUMNS = ["path", "duration", "fps", "timestamps", "attn_clip", "attn_frame"]
 
@@ -42,8 +43,63 @@ class SearchMatrices(NamedTuple):
 
     paths: list[str]
     copy_of: np.ndarray
-    clip: np.ndarray
-    frame: np.ndarray
+    clip: "np.ndarray | PrototypeFile"
+    frame: "np.ndarray | PrototypeFile"
+
+
+def to_bfloat16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest, ties to even."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def from_bfloat16(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32 (exact), into `out` (uint32 or float32, same size) if given."""
+    wide = np.left_shift(bits, 16, dtype=np.uint32, out=None if out is None else out.view(np.uint32))
+    return wide.view(np.float32)
+
+
+class PrototypeFile:
+    """Prototypes [N, Lp, D] of a cache file in bfloat16: streamed in blocks for a scan, gathered by video."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            self.offset = f.tell()
+        if dtype != np.uint16 or len(shape) != 3:
+            raise ValueError(f"{path}: not a bfloat16 prototype matrix")
+        self.shape = tuple(shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, videos) -> np.ndarray:
+        """float32 prototypes of the given videos (index or array of indices)."""
+        m = np.memmap(self.path, dtype=np.uint16, mode="r", offset=self.offset, shape=self.shape)
+        return from_bfloat16(np.asarray(m[videos]))
+
+    def blocks(self, rows: int):
+        """(first video, float32 block [n, Lp, D]) over the whole matrix; the block's buffer is reused."""
+        n, lp, d = self.shape
+        per_block = max(1, rows // lp)
+        raw = np.empty(per_block * lp * d, dtype=np.uint16)
+        wide = np.empty(per_block * lp * d, dtype=np.float32)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.offset)
+            for v0 in range(0, n, per_block):
+                count = min(per_block, n - v0) * lp * d
+                view = memoryview(raw[:count]).cast("B")
+                got = 0
+                while got < len(view):
+                    read = f.readinto(view[got:])
+                    if not read:
+                        raise ValueError(f"{self.path} is truncated")
+                    got += read
+                yield v0, from_bfloat16(raw[:count], wide[:count]).reshape(-1, lp, d)
 
 
 def load_matrices(table, proto_dim: int, folders: list[Path]) -> SearchMatrices:
@@ -65,9 +121,8 @@ def load_matrices(table, proto_dim: int, folders: list[Path]) -> SearchMatrices:
     try:
         videos = json.loads((cache / "videos.json").read_text())
         _point_at(folder, table.version)
-        return SearchMatrices(videos["paths"], np.load(cache / "copy_of.npy"),
-                              np.load(cache / "proto_clip.npy", mmap_mode="r"),
-                              np.load(cache / "proto_frame.npy", mmap_mode="r"))
+        return SearchMatrices(videos["paths"], np.load(cache / "copy_of.npy"), PrototypeFile(cache / "proto_clip.npy"),
+                              PrototypeFile(cache / "proto_frame.npy"))
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
         shutil.rmtree(cache, ignore_errors=True)  # damaged cache: rebuild from the table
         # a damaged cache that cannot be removed (a read-only index): use the other folders
@@ -82,8 +137,8 @@ def _read_table(table, dim: int) -> SearchMatrices:
         counts = np.diff(arr.offsets.to_numpy())
         if len(set(counts.tolist())) > 1:
             raise CorruptError("the index's videos have different prototype counts; run `prvr reindex`")
-        arrays[col] = arr.flatten().flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(
-            len(arr), int(counts[0]), dim)
+        values = arr.flatten().flatten().to_numpy(zero_copy_only=False).reshape(len(arr), int(counts[0]), dim)
+        arrays[col] = from_bfloat16(to_bfloat16(values))   # the values a cache holds, so every search scores alike
     first: dict[str, int] = {}
     copy_of = np.array([first.setdefault(h, v) for v, h in enumerate(data["content_hash"].to_pylist())], np.int64)
     return SearchMatrices(data["path"].to_pylist(), copy_of, arrays["proto_clip"], arrays["proto_frame"])
@@ -96,8 +151,8 @@ def _build_cache(table, dim: int, cache: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        np.save(tmp / "proto_clip.npy", m.clip)
-        np.save(tmp / "proto_frame.npy", m.frame)
+        np.save(tmp / "proto_clip.npy", to_bfloat16(m.clip))
+        np.save(tmp / "proto_frame.npy", to_bfloat16(m.frame))
         np.save(tmp / "copy_of.npy", m.copy_of)
         _write_rows(table, m.paths, tmp / "rows.arrow")
         (tmp / "videos.json").write_text(json.dumps({"paths": m.paths}))

@@ -11,26 +11,31 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-BLOCK_ROWS = 1 << 18  # prototypes per matrix-product block (float32 copy of at most 256k x D)
+BLOCK_ROWS = 1 << 14  # prototype rows per matrix-product block (a cache file widens each to float32: 32 MiB at D 512)
 
 
-def max_prototype_scores(protos: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """protos [N, Lp, D], queries [Q, D] -> (max score [Q, N], argmax prototype [Q, N]).
+def _float32_blocks(protos, rows: int):
+    """(first video, float32 block [n, Lp, D]) over prototypes: a cache file streams its own; an array is sliced
+    (float32 in place, other dtypes converted block by block)."""
+    if hasattr(protos, "blocks"):
+        yield from protos.blocks(rows)
+        return
+    per_block = max(1, rows // protos.shape[1])
+    for v0 in range(0, protos.shape[0], per_block):
+        yield v0, np.asarray(protos[v0:v0 + per_block], dtype=np.float32)
 
-    float32 prototypes are used in place; other dtypes are converted block by block.
-    """
+
+def max_prototype_scores(protos, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """protos [N, Lp, D] (an array or a `matrices.PrototypeFile`), queries [Q, D] -> (max score [Q, N],
+    argmax prototype [Q, N])."""
     n, lp, d = protos.shape
-    flat = protos.reshape(n * lp, d)
     q = np.ascontiguousarray(queries, dtype=np.float32).T
     best = np.empty((queries.shape[0], n), dtype=np.float32)
     arg = np.empty((queries.shape[0], n), dtype=np.int32)
-    rows_per_block = max(lp, (BLOCK_ROWS // lp) * lp)
-    for lo in range(0, n * lp, rows_per_block):
-        block = np.asarray(flat[lo:lo + rows_per_block], dtype=np.float32) @ q       # [rows, Q]
-        block = block.T.reshape(queries.shape[0], -1, lp)                            # [Q, videos, Lp]
-        v0 = lo // lp
-        best[:, v0:v0 + block.shape[1]] = block.max(-1)
-        arg[:, v0:v0 + block.shape[1]] = block.argmax(-1)
+    for v0, block in _float32_blocks(protos, BLOCK_ROWS):
+        scores = (block.reshape(-1, d) @ q).T.reshape(queries.shape[0], -1, lp)        # [Q, videos, Lp]
+        best[:, v0:v0 + scores.shape[1]] = scores.max(-1)
+        arg[:, v0:v0 + scores.shape[1]] = scores.argmax(-1)
     return best, arg
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import random_weights_warning
-from ..index.matrices import published
+from ..index.matrices import PrototypeFile, published
 from ..index.meta import META_FILE, TEXT_FOLDER, read_meta
 from ..index.search import SearchResults, attach_highlights, rank
 from .tokenizer import Tokenizer
@@ -40,8 +40,7 @@ class Searcher:
         self.weights = tuple(meta["builder"]["branch_weights"])
         self.paths = json.loads((cache / "videos.json").read_text())["paths"]
         self.copy_of = np.load(cache / "copy_of.npy")
-        self.clip = np.load(cache / "proto_clip.npy", mmap_mode="r")
-        self.frame = np.load(cache / "proto_frame.npy", mmap_mode="r")
+        self.clip, self.frame = PrototypeFile(cache / "proto_clip.npy"), PrototypeFile(cache / "proto_frame.npy")
         self.rows = pa.ipc.open_file(pa.memory_map(str(cache / "rows.arrow"))).read_all()
 
     @classmethod

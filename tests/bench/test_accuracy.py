@@ -76,7 +76,7 @@ def test_bench_accuracy_trains_measures_and_reuses(cli, tiny_bench, tmp_path):
     assert proto["vectors_per_video"] == 8                              # 4 prototypes x 2 branches
     assert proto["bytes_per_video"] == 8 * 16 * 2                       # float16, hidden 16
     assert proto["flops_per_query_per_video"] == matching_flops("protoprvr", 4, 4, 16)
-    assert set(proto["storage"]) == {"float32", "float16", "int8"}
+    assert set(proto["storage"]) == {"float32", "float16", "bfloat16", "int8"}
     assert proto["metrics"] == proto["storage"]["float16"]["metrics"]
     assert rows[("prototypes", "2")]["vectors_per_video"] == 4
     mssl = rows[("methods", "mssl")]

@@ -78,10 +78,11 @@ def test_streamed_scores_equal_resident_scores():
 def test_storage_synthetic_is_well_formed():
     res = storage.bench_storage_synthetic(n_videos=50, n_queries=8)
     b = res["bytes_per_video"]
-    assert b["protoprvr"] == {"float32": 60 * 1536, "float16": 60 * 768, "int8": 60 * 388}
+    assert b["protoprvr"] == {"float32": 60 * 1536, "float16": 60 * 768, "bfloat16": 60 * 768, "int8": 60 * 388}
     eff = res["synthetic_protoprvr"]["effect"]
     assert eff["float32"]["max_abs_score_error"] == 0.0 and eff["float32"]["recall@10_overlap"] == 1.0
-    assert 0 < eff["float16"]["max_abs_score_error"] < eff["int8"]["max_abs_score_error"] < 0.05
+    assert 0 < eff["float16"]["max_abs_score_error"] < eff["bfloat16"]["max_abs_score_error"] \
+        < eff["int8"]["max_abs_score_error"] < 0.05
     # float16 is what an index stores: its ranking must match float32's; int8 may move a few near-ties
     assert eff["float16"]["recall@10_overlap"] >= 0.99 and eff["float16"]["top1_agreement"] >= 0.95
     assert eff["int8"]["recall@10_overlap"] >= 0.9 and eff["int8"]["top1_agreement"] >= 0.75
@@ -131,7 +132,7 @@ def test_storage_on_a_checkpoint_reports_sumr_per_type(tmp_path, method):
     res = storage.bench_storage_real(str(tmp_path / "m.pt"), str(tmp_path / "data"), "toy", "cg", "test")
     assert res["method"] == method and res["n_videos"] == 6
     kinds = res["kinds"]
-    assert set(kinds) == {"float32", "float16", "int8"}
+    assert set(kinds) == {"float32", "float16", "bfloat16", "int8"}
     assert kinds["float32"]["max_abs_score_error"] == 0.0
     assert kinds["int8"]["bytes_per_video"] < kinds["float16"]["bytes_per_video"] < kinds["float32"]["bytes_per_video"]
     for k in kinds.values():

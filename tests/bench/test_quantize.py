@@ -68,7 +68,7 @@ def test_quantize_encoding_roundtrips_vectors_only():
         out = quantize.quantize_encoding(enc, kind)
         assert out.clip.shape == enc.clip.shape and out.clip.dtype == enc.clip.dtype
         assert out.clip_mask is enc.clip_mask and out.clip_attn is enc.clip_attn and out.frame_attn is None
-        tol = {"float32": 0.0, "float16": 2e-3, "int8": 0.05}[kind]
+        tol = {"float32": 0.0, "float16": 2e-3, "bfloat16": 1.6e-2, "int8": 0.05}[kind]
         assert torch.allclose(out.clip, enc.clip, atol=tol * enc.clip.abs().max().item() + 1e-7)
         assert torch.allclose(out.frame, enc.frame, atol=tol * enc.frame.abs().max().item() + 1e-7)
     assert torch.equal(quantize.quantize_encoding(enc, "float32").clip, enc.clip)

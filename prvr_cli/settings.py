@@ -28,6 +28,12 @@ def cache_home() -> Path:
     return _xdg("XDG_CACHE_HOME", ".cache") / "prvr"
 
 
+def runtime_dir() -> Path:
+    """Where a running `prvr serve` leaves its socket: $XDG_RUNTIME_DIR/prvr, else a private folder in /tmp."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(base) / "prvr" if base and os.path.isabs(base) else Path("/tmp") / f"prvr-{os.getuid()}"
+
+
 def config_path() -> Path:
     explicit = os.environ.get("PRVR_CONFIG")
     return Path(explicit) if explicit else _xdg("XDG_CONFIG_HOME", ".config") / "prvr" / "config.toml"

@@ -1,4 +1,5 @@
-"""`prvr bench search --end-to-end`: the wall time and peak memory of whole `prvr search` commands.
+"""`prvr bench search --end-to-end`: the wall time and peak memory of whole `prvr search` commands, cold (no
+server) and warm (a `prvr serve` running), and the server's latency under a bounded number of local clients.
 
 Each corpus size gets a synthetic index: a real CLIP encoder's identity and exported text side
 (random weights run at the same speed as trained ones), zero-shot prototypes as random unit vectors
@@ -90,8 +91,63 @@ def timed_search(index: Path, query: str, env: dict) -> tuple[float, float]:
     return float(wall), int(peak_kib) / 1024.0
 
 
+def start_server(index: Path, env: dict) -> tuple[subprocess.Popen, int]:
+    """A `prvr serve` on `index` at a free port, once it answers; returns the process and its port."""
+    import re
+
+    proc = subprocess.Popen([sys.executable, "-m", "prvr_cli", "serve", "--index", str(index), "--port", "0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 600
+    for line in proc.stderr:
+        found = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        if found:
+            return proc, int(found.group(1))
+        if time.time() > deadline:
+            break
+    proc.kill()
+    raise RuntimeError("prvr serve did not start")
+
+
+def load_test(port: int, clients: int, requests: int) -> dict:
+    """`clients` threads each sending `requests` searches over HTTP; latency percentiles and errors."""
+    import http.client
+    import threading
+    import urllib.parse
+
+    latencies, errors, lock = [], [0], threading.Lock()
+
+    def client(n: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        for i in range(requests):
+            q = urllib.parse.urlencode({"q": QUERIES[(n + i) % len(QUERIES)] + f" {i}", "k": 10})
+            start = time.perf_counter()
+            try:
+                conn.request("GET", f"/api/search?{q}")
+                response = conn.getresponse()
+                response.read()
+                ok = response.status == 200
+            except (OSError, http.client.HTTPException):
+                ok = False
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            with lock:
+                latencies.append(time.perf_counter() - start) if ok else None
+                errors[0] += not ok
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    ms = sorted(x * 1e3 for x in latencies)
+    pick = lambda p: round(ms[min(len(ms) - 1, int(p * len(ms)))], 1) if ms else None  # noqa: E731
+    return {"clients": clients, "requests": clients * requests, "errors": errors[0], "p50_ms": pick(0.5),
+            "p99_ms": pick(0.99), "per_s": round(len(ms) / wall, 1)}
+
+
 def bench_end_to_end(sizes: list[int], clip_model: str, clip_pretrained: str, folder: Path, repeats: int = 5,
-                     progress=None) -> dict:
+                     served: bool = True, clients: int = 4, requests: int = 25, progress=None) -> dict:
     """Cold-process `prvr search` wall time and peak memory per corpus size, on synthetic indexes in `folder`."""
     from ..pipeline.encode import FrameTextEncoder
 
@@ -99,7 +155,7 @@ def bench_end_to_end(sizes: list[int], clip_model: str, clip_pretrained: str, fo
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         encoder = FrameTextEncoder.load(clip_model, clip_pretrained, "cpu")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "XDG_RUNTIME_DIR": str(Path(folder) / "run")}
     cells = []
     for n in sizes:
         root = Path(folder) / f"{encoder.spec()['fingerprint']}-{n}"
@@ -108,10 +164,23 @@ def bench_end_to_end(sizes: list[int], clip_model: str, clip_pretrained: str, fo
         timed_search(root, QUERIES[0], env)   # warms the file cache (and builds the search cache if missing)
         runs = [timed_search(root, QUERIES[i % len(QUERIES)], env) for i in range(repeats)]
         walls, peaks = [r[0] for r in runs], [r[1] for r in runs]
-        cells.append({"n_videos": n, "runs": repeats, "median_wall_s": round(statistics.median(walls), 3),
-                      "max_wall_s": round(max(walls), 3), "peak_rss_mib": round(max(peaks), 1),
-                      "cache_mib": round(sum(p.stat().st_size for p in (root / "cache").rglob("*") if p.is_file())
-                                         / 2 ** 20, 1), "load_average": load_average()})
-        say(f"  {n} videos: median {cells[-1]['median_wall_s']} s, peak {cells[-1]['peak_rss_mib']} MiB")
+        cell = {"n_videos": n, "runs": repeats, "median_wall_s": round(statistics.median(walls), 3),
+                "max_wall_s": round(max(walls), 3), "peak_rss_mib": round(max(peaks), 1),
+                "cache_mib": round(sum(p.stat().st_size for p in (root / "cache").rglob("*") if p.is_file())
+                                   / 2 ** 20, 1)}
+        say(f"  {n} videos, cold: median {cell['median_wall_s']} s, peak {cell['peak_rss_mib']} MiB")
+        if served:
+            server, port = start_server(root, env)
+            try:
+                warm = [timed_search(root, QUERIES[i % len(QUERIES)], env) for i in range(repeats)]
+                cell["served_median_wall_s"] = round(statistics.median(w[0] for w in warm), 3)
+                cell["served_peak_rss_mib"] = round(max(w[1] for w in warm), 1)
+                cell["load"] = load_test(port, clients, requests)
+            finally:
+                server.terminate()
+                server.wait(30)
+            say(f"  {n} videos, served: median {cell['served_median_wall_s']} s; {clients} clients: "
+                f"p50 {cell['load']['p50_ms']} ms, p99 {cell['load']['p99_ms']} ms, {cell['load']['errors']} errors")
+        cells.append({**cell, "load_average": load_average()})
     return {"clip_model": clip_model, "clip_pretrained": clip_pretrained, "dim": encoder.dim,
             "machine": machine(), "cells": cells}

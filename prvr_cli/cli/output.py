@@ -11,6 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from .plain import StdoutClosed, print_hits, tsv_field, tsv_line, write_line  # noqa: F401 (the CLI's printing API)
+
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -33,32 +35,6 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
-
-
-_TSV_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-
-
-def tsv_field(text: str) -> str:
-    """A value safe inside tab-separated output: backslash, tab, newline and carriage return escaped as \\ \\t \\n \\r."""
-    return text.translate(_TSV_ESCAPES)
-
-
-def tsv_line(fields) -> str:
-    return "\t".join(tsv_field(str(f)) for f in fields)
-
-
-class StdoutClosed(Exception):
-    """The reader of stdout went away (`prvr search ... | head`): stop quietly."""
-
-
-def write_line(text: str = "", end: str = "\n") -> None:
-    try:
-        sys.stdout.write(text + end)
-        if end == "\0" or not sys.stdout.isatty():
-            return
-        sys.stdout.flush()
-    except BrokenPipeError:
-        raise StdoutClosed from None
 
 
 @contextlib.contextmanager
@@ -90,37 +66,24 @@ def native_stderr_silenced():
         ours.close()
 
 
-def print_search(results: list[tuple[str, list]], fmt: str, nul: bool = False) -> None:
-    """results: [(query, [Hit, ...]), ...] in the order asked."""
-    if fmt == "json":
-        docs = [{"query": q, "results": [h.as_dict() for h in hits]} for q, hits in results]
-        write_line(json.dumps(docs[0] if len(docs) == 1 else docs, ensure_ascii=False))
-    elif fmt == "jsonl":
-        for q, hits in results:
-            for h in hits:
-                write_line(json.dumps({"query": q, **h.as_dict()}, ensure_ascii=False))
-    elif fmt == "paths":
-        for _, hits in results:
-            for h in hits:
-                write_line(h.path, end="\0" if nul else "\n")
-    elif fmt == "tsv":
-        for q, hits in results:
-            for h in hits:
-                ranges = ",".join(f"{r['start']:.2f}-{r['end']:.2f}" for r in h.highlights)
-                fields = [str(h.rank), f"{h.score:.4f}", h.path, ranges]
-                write_line(tsv_line([q, *fields] if len(results) > 1 else fields))
-    else:
-        console = stdout_console()
-        for q, hits in results:
-            table = Table(title=Text(q, style="bold"), title_justify="left", show_lines=False)
-            table.add_column("#", justify="right", style="dim")
-            table.add_column("score", justify="right")
-            table.add_column("video", overflow="fold")
-            table.add_column("highlights (m:ss)", overflow="fold", style="cyan")
-            for h in hits:
-                video = Text("\n".join([h.path, *(f"= {c}" for c in h.copies)]))  # Text: no markup in paths
-                table.add_row(str(h.rank), f"{h.score:.4f}", video, fmt_ranges(h.highlights))
-            console.print(table)
+def print_search(results: list[tuple[str, list]], fmt: str, nul: bool = False, with_query: bool | None = None) -> None:
+    """results: [(query, [Hit, ...]), ...] in the order asked; `with_query` (default: more than one query) puts
+    the query first on each TSV line."""
+    with_query = len(results) > 1 if with_query is None else with_query
+    if fmt != "table":
+        print_hits([(q, [h.as_dict() for h in hits]) for q, hits in results], fmt, nul, with_query)
+        return
+    console = stdout_console()
+    for q, hits in results:
+        table = Table(title=Text(q, style="bold"), title_justify="left", show_lines=False)
+        table.add_column("#", justify="right", style="dim")
+        table.add_column("score", justify="right")
+        table.add_column("video", overflow="fold")
+        table.add_column("highlights (m:ss)", overflow="fold", style="cyan")
+        for h in hits:
+            video = Text("\n".join([h.path, *(f"= {c}" for c in h.copies)]))  # Text: no markup in paths
+            table.add_row(str(h.rank), f"{h.score:.4f}", video, fmt_ranges(h.highlights))
+        console.print(table)
 
 
 def print_videos(rows: list[dict], as_json: bool) -> None:

@@ -11,7 +11,10 @@ from .. import settings
 from ..errors import ExitCode, PrvrError, UsageError
 from .options import (ClipModelOpt, ClipPretrainedOpt, DeviceOpt, IndexOpt, ModelOpt, encoder_choice,
                       open_library)
+from ..index.search import Hit, SearchResults
+from ..serve.client import served_search, socket_path
 from .output import print_search, stderr
+from .plain import cut_warning
 
 MAX_QUERY_CHARS = 2000
 
@@ -42,14 +45,36 @@ def search(
     if not 0 <= rerank <= 10000:
         raise UsageError(f"--rerank {rerank}: re-rank between 1 and 10000 candidates (0 turns it off)")
     queries, refused = _read_queries(query)
-    results = open_library(index, device).search(queries, k, keep_duplicates=keep_duplicates, rerank_depth=rerank,
-                                                 **encoder_choice(clip_model, clip_pretrained, model))
-    for q, cut in results.cut_tokens.items():
-        stderr.print(f"prvr: warning: query {q[:40]!r}... is longer than the text encoder reads: its last {cut} "
-                     "tokens are ignored; describe one moment", markup=False, soft_wrap=True)
-    print_search(list(zip(results.queries, results.hits)), fmt, nul)
+    library = open_library(index, device)
+    choice = encoder_choice(clip_model, clip_pretrained, model)
+    served = None if rerank or any(choice.values()) else socket_path(settings.runtime_dir(), library.root)
+    answered = []
+    for batch in _answers(library, served, queries, k, keep_duplicates, rerank, choice):
+        for q, cut in batch.cut_tokens.items():
+            stderr.print(cut_warning(q, cut), markup=False, soft_wrap=True)
+        answered += zip(batch.queries, batch.hits)
+        if fmt != "json":   # one JSON document waits for every answer; the other formats print each as it comes
+            print_search(answered[-len(batch.queries):], fmt, nul, with_query=len(queries) > 1)
+    if fmt == "json":
+        print_search(answered, fmt, nul)
     if refused:
         raise PrvrError(f"{refused} stdin line(s) were not answered (see above)", ExitCode.USAGE)
+
+
+def _answers(library, served, queries: list[str], k: int, keep_duplicates: bool, rerank: int, choice: dict):
+    """Results as they come: from a running `prvr serve` one query at a time, the rest (all, with no server)
+    in process."""
+    done = 0
+    if served is not None:
+        for q in queries:
+            answer = served_search(served, q, k, keep_duplicates)
+            if answer is None:
+                break   # no server, or it stopped: the rest in process
+            cut = {answer["query"]: answer["cut_tokens"]} if answer.get("cut_tokens") else {}
+            yield SearchResults([answer["query"]], [[Hit.from_dict(h) for h in answer["results"]]], cut)
+            done += 1
+    if done < len(queries):
+        yield library.search(queries[done:], k, keep_duplicates=keep_duplicates, rerank_depth=rerank, **choice)
 
 
 def _format(as_json: bool, as_jsonl: bool, paths_only: bool, nul: bool) -> str:

@@ -53,6 +53,12 @@ class Hit:
     copies: list[str] = field(default_factory=list)  # other paths of the same file content
     video: int = -1                                   # row of the search matrices (not printed)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Hit":
+        """The hit `as_dict` describes (as a server sends it)."""
+        return cls(d["rank"], d["score"], d["path"], d["branch_scores"]["clip"], d["branch_scores"]["frame"],
+                   d["prototypes"]["clip"], d["prototypes"]["frame"], d["duration"], d["highlights"], d["copies"])
+
     def as_dict(self) -> dict:
         return {"rank": self.rank, "score": round(self.score, 6), "path": self.path, "copies": self.copies,
                 "duration": round(self.duration, 3), "highlights": self.highlights,

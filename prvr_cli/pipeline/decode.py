@@ -116,3 +116,14 @@ def decode_frames(path: Path, fps: float, size: int, chunk: int = 64) -> tuple[V
             yield FrameChunk(frames, times[lo:lo + chunk].astype(np.float32))
 
     return info, chunks()
+
+
+def decode_still(path: Path, seconds: float, short_side: int = 240) -> np.ndarray:
+    """One frame (uint8 [H, W, 3], short side `short_side`, aspect kept) at `seconds` into the video."""
+    info, starts = probe(path)
+    index = int(np.clip(np.searchsorted(starts, seconds, side="right") - 1, 0, info.n_frames - 1))
+    w, h = resize_dims(info.width, info.height, short_side)
+    try:
+        return _reader(path, w, h)[index].asnumpy()
+    except Exception as e:
+        raise DecodeError(f"{path}: cannot decode the frame at {seconds:.1f}s ({_reason(e)})") from e

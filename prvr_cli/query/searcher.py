@@ -31,7 +31,7 @@ def _read(path: Path) -> dict | None:
 class Searcher:
     """One index's query side and search matrices, loaded without torch."""
 
-    def __init__(self, meta: dict, text: Path, cache: Path, trained: bool):
+    def __init__(self, meta: dict, text: Path, cache: Path, trained: bool, in_memory: bool = False):
         import pyarrow as pa
 
         self.tower = TextTower(text)
@@ -40,11 +40,14 @@ class Searcher:
         self.weights = tuple(meta["builder"]["branch_weights"])
         self.paths = json.loads((cache / "videos.json").read_text())["paths"]
         self.copy_of = np.load(cache / "copy_of.npy")
+        self.cache = cache
         self.clip, self.frame = PrototypeFile(cache / "proto_clip.npy"), PrototypeFile(cache / "proto_frame.npy")
+        if in_memory:   # a server: float32 in memory, so a query only multiplies
+            self.clip, self.frame = self.clip[:], self.frame[:]
         self.rows = pa.ipc.open_file(pa.memory_map(str(cache / "rows.arrow"))).read_all()
 
     @classmethod
-    def open(cls, root: Path, user_cache: Path | None = None) -> "Searcher | None":
+    def open(cls, root: Path, user_cache: Path | None = None, in_memory: bool = False) -> "Searcher | None":
         """The index's torch-free searcher, or None when it lacks a current export or cache.
 
         A damaged index.json raises the same CorruptError as the full path; anything else unexpected
@@ -67,7 +70,7 @@ class Searcher:
                 return None
             if encoder.get("clip_pretrained") == "none":
                 warnings.warn(random_weights_warning(encoder.get("clip_model")), stacklevel=2)
-            return cls(meta, text, cache, trained)
+            return cls(meta, text, cache, trained, in_memory)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None  # a damaged export or cache, or an unfinished index: the full path deals with it
 

@@ -1,0 +1,169 @@
+"""The server: one index kept warm (`ServedIndex`), a JSON API and a page over it (Starlette, run by uvicorn).
+
+    GET /                      the page (page.html): a query box, hits as cards, a player
+    GET /api/search?q=&k=      {"query", "results": [hits as `prvr search --json`], "cut_tokens"}
+    GET /api/thumb?path=&t=    a JPEG of the frame at t seconds (decoded once, then cached)
+    GET /api/video?path=       the video file, with HTTP range requests so the browser can seek
+    GET /api/health            the index, its videos and the cache version searched
+
+Only files in the index are served, by their exact stored path, and only while that path is still
+the file itself (not a symlink put in its place). With a token, every TCP request carries it
+(`?token=` or `Authorization: Bearer`); the Unix socket, for `prvr search`, is private to its user.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import os
+import threading
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from ..errors import PrvrError
+from ..library import Library
+from ..index.matrices import published
+from ..query.searcher import Searcher
+
+MAX_QUERY_CHARS = 2000
+MAX_K = 200
+PAGE = Path(__file__).with_name("page.html")
+
+
+class ServedIndex:
+    """An index's searcher kept in memory, reopened when a write publishes a newer version of its table."""
+
+    def __init__(self, library: Library):
+        self.library = library
+        self.user_cache = library.cache / "indexes"
+        self._searcher: Searcher | None = None
+        self._lock = threading.Lock()
+
+    def searcher(self) -> Searcher | None:
+        """The searcher of the newest published version (None: this index needs the full path)."""
+        with self._lock:
+            current = published(self.library.root, self.user_cache)
+            if self._searcher is None or current is None or self._searcher.cache != current:
+                if current is None:   # the full path builds the cache and the export, then we load them
+                    self.library.search(["warm up"], 1, torch_free=False)
+                self._searcher = Searcher.open(self.library.root, self.user_cache, in_memory=True)
+            return self._searcher
+
+    def search(self, query: str, k: int, keep_duplicates: bool):
+        searcher = self.searcher()
+        if searcher is None:
+            return self.library.search([query], k, keep_duplicates=keep_duplicates)
+        return searcher.search([query], k, keep_duplicates)
+
+    def indexed_file(self, path: str) -> Path | None:
+        """`path` if it is a video of the index and still that file (its real path), else None."""
+        searcher = self.searcher()
+        paths = set(searcher.paths) if searcher is not None else {v["path"] for v in self.library.videos()}
+        if path not in paths or os.path.realpath(path) != path or not os.path.isfile(path):
+            return None
+        return Path(path)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _int(request: Request, name: str, default: int, low: int, high: int) -> int:
+    value = request.query_params.get(name, str(default))
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value[:20]!r} is not a whole number") from None
+    if not low <= number <= high:
+        raise ValueError(f"{name}={number} is outside {low}..{high}")
+    return number
+
+
+def create_app(served: ServedIndex, token: str | None = None, thumbs: Path | None = None) -> Starlette:
+    """The Starlette app over `served`; with `token`, every request must carry it."""
+    thumbs = Path(thumbs) if thumbs else served.library.cache / "thumbs"
+
+    async def page(request: Request):
+        return HTMLResponse(PAGE.read_text())
+
+    def search(request: Request):
+        q = request.query_params.get("q", "")
+        try:
+            k = _int(request, "k", 10, 1, MAX_K)
+            keep = _int(request, "duplicates", 0, 0, 1) == 1
+        except ValueError as e:
+            return _error(400, str(e))
+        if not q.strip():
+            return _error(400, "q is empty: describe the moment you are looking for")
+        if len(q) > MAX_QUERY_CHARS:
+            return _error(400, f"q has {len(q)} characters; at most {MAX_QUERY_CHARS}")
+        results = served.search(q.strip(), k, keep)
+        return JSONResponse({"query": results.queries[0], "results": [h.as_dict() for h in results.hits[0]],
+                             "cut_tokens": results.cut_tokens.get(results.queries[0], 0)})
+
+    def thumb(request: Request):
+        from PIL import Image
+
+        from ..pipeline.decode import decode_still
+
+        path = served.indexed_file(request.query_params.get("path", ""))
+        if path is None:
+            return _error(404, "no such video in the index")
+        try:
+            t = round(float(request.query_params.get("t", "0")), 1)
+        except ValueError:
+            return _error(400, "t is not a number of seconds")
+        if not 0 <= t < 1e7:
+            return _error(400, "t is outside the video")
+        stat = path.stat()
+        key = hashlib.sha1(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{t}".encode()).hexdigest()
+        cached = thumbs / f"{key}.jpg"
+        if not cached.is_file():
+            buffer = io.BytesIO()
+            Image.fromarray(decode_still(path, t)).save(buffer, format="JPEG", quality=80)
+            thumbs.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_bytes(buffer.getvalue())
+            os.replace(tmp, cached)
+        return FileResponse(cached, media_type="image/jpeg")
+
+    def video(request: Request):
+        path = served.indexed_file(request.query_params.get("path", ""))
+        if path is None:
+            return _error(404, "no such video in the index")
+        return FileResponse(path)
+
+    def health(request: Request):
+        searcher = served.searcher()
+        return JSONResponse({"index": str(served.library.root), "videos": len(searcher.paths) if searcher else None,
+                             "cache": searcher.cache.name if searcher else None})
+
+    async def failure(request: Request, exc: Exception):
+        if isinstance(exc, PrvrError):
+            return _error(409, str(exc))
+        return _error(500, f"internal error: {type(exc).__name__}")
+
+    class TokenCheck:
+        def __init__(self, app):
+            self.app = app
+
+        async def __call__(self, scope, receive, send):
+            over_unix_socket = (scope.get("server") or ("", 0))[1] is None   # private to the user by its mode
+            if scope["type"] == "http" and token is not None and not over_unix_socket:
+                request = Request(scope)
+                given = request.query_params.get("token") or \
+                    request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+                if not hmac.compare_digest(given.encode(), token.encode()):
+                    await _error(401, "missing or wrong token (printed when the server started)")(scope, receive, send)
+                    return
+            await self.app(scope, receive, send)
+
+    routes = [Route("/", page), Route("/api/search", search), Route("/api/thumb", thumb),
+              Route("/api/video", video), Route("/api/health", health)]
+    return Starlette(routes=routes, middleware=[Middleware(TokenCheck)],
+                     exception_handlers={Exception: failure, PrvrError: failure})

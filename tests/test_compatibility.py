@@ -31,7 +31,10 @@ def test_a_legacy_index_answers_as_it_did(cli, legacy, name, extra):
     extra = [str(legacy / a) if a.endswith(".pt") else a for a in extra]
     code, out, err = cli("search", "a red screen", "--json", "--index", index, *TINY, *extra, index=False)
     assert code == 0, err
-    assert _answers(out) == _answers((legacy / f"{name}.search.json").read_text())
+    now, then = _answers(out), _answers((legacy / f"{name}.search.json").read_text())
+    # the same ranking; scores within the rounding of the bfloat16 search cache (then: float32)
+    assert [p for p, _ in now] == [p for p, _ in then]
+    assert all(abs(a - b) <= 1e-3 for (_, a), (_, b) in zip(now, then)), (now, then)
     code, out, err = cli("info", "--json", "--index", index, index=False)
     assert code == 0 and json.loads(out)["videos"] == 2, err
     code, out, err = cli("list", "--index", index, index=False)

@@ -1,6 +1,6 @@
 """The `prvr` command line: one module per command group, each command flags -> one library call -> output.
 
-`app` holds the commands, `main` maps errors to exit codes, `output` prints results (stdout) and progress (stderr).
+`app` holds the commands, `entry` maps errors to exit codes, `output` prints results (stdout) and progress (stderr).
 `run` first lets a running `prvr serve` answer a plain `prvr search` (`served`), before importing the rest.
 """
 import os
@@ -16,13 +16,14 @@ def run() -> None:
 
     code = served_main(sys.argv[1:])
     if code is None:
-        from .main import main
+        from .entry import main as full_main
 
-        code = main()
+        code = full_main()
     sys.exit(code)
 
 
 def main(argv=None) -> int:
-    from .main import main as full_main
+    """Run the command line on `argv` in this process (the full path); returns the exit code."""
+    from .entry import main as full_main
 
     return full_main(argv)

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import socket
+import sys
 from pathlib import Path
 
 from ..errors import UsageError
 from .client import socket_path
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+BACKLOG = 128
 
 
 def unix_listener(path: Path) -> socket.socket:
@@ -29,6 +32,7 @@ def unix_listener(path: Path) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(str(path))
     os.chmod(path, 0o600)
+    sock.listen(BACKLOG)     # clients queue from now on, while the index loads
     return sock
 
 
@@ -41,6 +45,7 @@ def tcp_listener(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         raise UsageError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port") from None
+    sock.listen(BACKLOG)
     return sock
 
 
@@ -60,6 +65,9 @@ def serve(served, host: str, port: int, runtime: Path, thumbs: Path, say) -> Non
         shown = f"[{host}]" if ":" in host else host
         say(f"serving {served.library.root} ({len(searcher.paths) if searcher else '?'} videos)")
         say(f"open http://{shown}:{port}/" + (f"?token={token}" if token else "") + "  (Ctrl-C stops)")
+        # uvicorn re-raises the signal that stopped it once it has shut down: a SIGTERM then ends this process
+        # through our handler, so the socket file is removed below (SIGINT already raises KeyboardInterrupt)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         config = uvicorn.Config(create_app(served, token, thumbs), log_level="warning", access_log=False,
                                 h11_max_incomplete_event_size=16 * 1024, limit_concurrency=64)
         uvicorn.Server(config).run(sockets=[tcp, unix])

@@ -106,6 +106,3 @@ def _close_stdout() -> None:
         except OSError:
             pass
 
-
-def run() -> None:
-    sys.exit(main())

@@ -27,3 +27,4 @@ echo "== prvr search 'a woman applying eye makeup'" >&2
 prvr search "a woman applying eye makeup" --index "$index" -k 5
 echo "== the same as JSON" >&2
 prvr search "a woman applying eye makeup" --index "$index" -k 3 --json
+echo "== to look at the hits in a browser: prvr serve --index $index, then open http://127.0.0.1:8765/" >&2

@@ -146,6 +146,33 @@ def load_test(port: int, clients: int, requests: int) -> dict:
             "p99_ms": pick(0.99), "per_s": round(len(ms) / wall, 1)}
 
 
+def scan_against_bandwidth(cache: Path, repeats: int = 7) -> dict:
+    """The server's scan of both branches for one query (bfloat16 in memory, torch) against the time to read the
+    same bytes once (a sum over them): the memory-bandwidth limit of that scan on this machine."""
+    import torch
+
+    from ..index.matrices import PrototypeFile, ResidentPrototypes
+    from ..index.search import max_prototype_scores
+
+    branches = [ResidentPrototypes(PrototypeFile(cache / f"proto_{b}.npy")) for b in ("clip", "frame")]
+    q = np.random.default_rng(0).standard_normal((1, branches[0].shape[2])).astype(np.float32)
+    q /= np.linalg.norm(q)
+
+    def median_ms(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return round(statistics.median(times) * 1e3, 1)
+
+    scan = median_ms(lambda: [max_prototype_scores(b, q) for b in branches])
+    with torch.inference_mode():
+        read = median_ms(lambda: [b.values.sum() for b in branches])
+    return {"scan_ms": scan, "read_ms": read, "ratio": round(scan / read, 2), "torch_threads": torch.get_num_threads(),
+            "bytes": int(sum(b.bits.nbytes for b in branches))}
+
+
 def bench_end_to_end(sizes: list[int], clip_model: str, clip_pretrained: str, folder: Path, repeats: int = 5,
                      served: bool = True, clients: int = 4, requests: int = 25, progress=None) -> dict:
     """Cold-process `prvr search` wall time and peak memory per corpus size, on synthetic indexes in `folder`."""
@@ -169,6 +196,8 @@ def bench_end_to_end(sizes: list[int], clip_model: str, clip_pretrained: str, fo
                 "cache_mib": round(sum(p.stat().st_size for p in (root / "cache").rglob("*") if p.is_file())
                                    / 2 ** 20, 1)}
         say(f"  {n} videos, cold: median {cell['median_wall_s']} s, peak {cell['peak_rss_mib']} MiB")
+        cell["scan"] = scan_against_bandwidth(next((root / "cache").glob("videos-v*")))
+        say(f"  {n} videos, server scan: {cell['scan']['scan_ms']} ms, reading its bytes {cell['scan']['read_ms']} ms")
         if served:
             server, port = start_server(root, env)
             try:

@@ -83,11 +83,12 @@ def search_cmd(
             write_line(json.dumps(result))
         else:
             _table(["videos", "cold s", "cold peak MiB", "served s", "served peak MiB", "server p50/p99 ms",
-                    "errors", "cache MiB", "load 1/5/15m"],
+                    "errors", "scan / read ms", "cache MiB", "load 1/5/15m"],
                    [[c["n_videos"], c["median_wall_s"], c["peak_rss_mib"], c.get("served_median_wall_s", "-"),
                      c.get("served_peak_rss_mib", "-"),
                      f"{c['load']['p50_ms']}/{c['load']['p99_ms']} ({c['load']['clients']} clients)" if "load" in c
-                     else "-", c["load"]["errors"] if "load" in c else "-", c["cache_mib"],
+                     else "-", c["load"]["errors"] if "load" in c else "-",
+                     f"{c['scan']['scan_ms']} / {c['scan']['read_ms']} (x{c['scan']['ratio']})", c["cache_mib"],
                      "/".join(f"{x:.1f}" for x in c["load_average"])] for c in result["cells"]])
         return
     result = bench_search(_int_list(sizes, "--sizes"), _names(methods), queries, repeats, lancedb, mssl_frames,

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+EXACT_MARGIN = 1e-5  # scores a scan may round differently from the video-by-video rescoring (float32 ulps)
 BLOCK_ROWS = 1 << 14  # prototype rows per matrix-product block (a cache file widens each to float32: 32 MiB at D 512)
 
 
@@ -26,8 +27,10 @@ def _float32_blocks(protos, rows: int):
 
 
 def max_prototype_scores(protos, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """protos [N, Lp, D] (an array or a `matrices.PrototypeFile`), queries [Q, D] -> (max score [Q, N],
-    argmax prototype [Q, N])."""
+    """protos [N, Lp, D] (an array, a `matrices.PrototypeFile`, or prototypes that score themselves),
+    queries [Q, D] -> (max score [Q, N], argmax prototype [Q, N])."""
+    if hasattr(protos, "max_scores"):
+        return protos.max_scores(queries)
     n, lp, d = protos.shape
     q = np.ascontiguousarray(queries, dtype=np.float32).T
     best = np.empty((queries.shape[0], n), dtype=np.float32)
@@ -91,6 +94,12 @@ def rank(paths: list[str], clip: np.ndarray, frame: np.ndarray, q_clip: np.ndarr
         total[:, duplicates] = -np.inf
         for v in duplicates.tolist():
             copies.setdefault(int(copy_of[v]), []).append(paths[v])
+    # Every video that could be in the top k is rescored one by one, so the reported scores and prototypes do
+    # not depend on how the scan was blocked or on its precision: the streamed, in-memory and resident scans
+    # (approximate by their `score_error`) print the same hits. EXACT_MARGIN keeps exact ties in.
+    error = weights[0] * getattr(clip, "score_error", 0.0) + weights[1] * getattr(frame, "score_error", 0.0)
+    _rescore_candidates(total, (s_clip, a_clip, clip, q_clip), (s_frame, a_frame, frame, q_frame), weights, k,
+                        error + EXACT_MARGIN)
     k = min(k, total.shape[1] - sum(len(c) for c in copies.values()))
     results = []
     for qi in range(total.shape[0]):
@@ -100,6 +109,26 @@ def rank(paths: list[str], clip: np.ndarray, frame: np.ndarray, q_clip: np.ndarr
                             int(a_clip[qi, v]), int(a_frame[qi, v]), copies=copies.get(int(v), []), video=int(v))
                         for r, v in enumerate(top)])
     return results
+
+
+def _rescore_candidates(total, clip_side, frame_side, weights, k: int, error: float) -> None:
+    """In place: for each query, scores recomputed video by video (the same float32 products whatever the
+    scan was) for the videos within 2 x `error` of its k-th total, and -inf for the others (none of which can
+    reach the top k)."""
+    kk = min(k, total.shape[1])
+    for qi in range(total.shape[0]):
+        kth = np.partition(total[qi], -kk)[-kk]
+        floor = kth - 2 * error if np.isfinite(kth) else -np.inf
+        candidates = np.flatnonzero(np.isfinite(total[qi]) & (total[qi] >= floor))   # duplicates (-inf) stay out
+        exact = np.zeros(len(candidates), dtype=np.float32)
+        for w, (scores, arg, protos, queries) in zip(weights, (clip_side, frame_side)):
+            widened = np.ascontiguousarray(protos[candidates], dtype=np.float32)         # [C, Lp, D]
+            q = np.ascontiguousarray(queries[qi], dtype=np.float32)
+            block = np.stack([np.dot(video, q) for video in widened]) if len(widened) else widened[:, :, 0]
+            scores[qi, candidates], arg[qi, candidates] = block.max(-1), block.argmax(-1)
+            exact += w * scores[qi, candidates]
+        total[qi] = -np.inf
+        total[qi, candidates] = exact
 
 
 def rerank(hits: list[Hit], depth: int, proxy: np.ndarray, gamma: float) -> list[Hit]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import random_weights_warning
-from ..index.matrices import PrototypeFile, published
+from ..index.matrices import PrototypeFile, ResidentPrototypes, published
 from ..index.meta import META_FILE, TEXT_FOLDER, read_meta
 from ..index.search import SearchResults, attach_highlights, rank
 from .tokenizer import Tokenizer
@@ -42,8 +42,8 @@ class Searcher:
         self.copy_of = np.load(cache / "copy_of.npy")
         self.cache = cache
         self.clip, self.frame = PrototypeFile(cache / "proto_clip.npy"), PrototypeFile(cache / "proto_frame.npy")
-        if in_memory:   # a server: float32 in memory, so a query only multiplies
-            self.clip, self.frame = self.clip[:], self.frame[:]
+        if in_memory:   # a server: bfloat16 in memory, scored by torch (which a server can afford to import)
+            self.clip, self.frame = ResidentPrototypes(self.clip), ResidentPrototypes(self.frame)
         self.rows = pa.ipc.open_file(pa.memory_map(str(cache / "rows.arrow"))).read_all()
 
     @classmethod

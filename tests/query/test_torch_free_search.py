@@ -124,3 +124,31 @@ def test_cli_search_imports_neither_torch_nor_lancedb(cli, videos, tmp_path):
                            "--paths-only"], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip().splitlines()[-1] == "[]" and len(done.stdout.splitlines()) == 4
+
+
+def test_every_scan_ranks_alike_bfloat16_resident_streamed_and_in_memory(tmp_path):
+    """The server's approximate bfloat16 scan, the streamed cache and float32 arrays give identical hits, including
+    exact ties between duplicate prototypes and k beyond the number of videos."""
+    from prvr_cli.index.matrices import PrototypeFile, ResidentPrototypes, from_bfloat16, to_bfloat16
+    from prvr_cli.index.search import rank
+
+    rng = np.random.default_rng(0)
+    protos = rng.standard_normal((2, 300, 6, 16)).astype(np.float32)
+    protos[:, :, 3] = protos[:, :, 1]                           # duplicate prototypes: exact ties inside a video
+    protos /= np.linalg.norm(protos, axis=-1, keepdims=True)
+    exact = from_bfloat16(to_bfloat16(protos))                  # the values every path scores
+    for b, name in enumerate(("clip", "frame")):
+        np.save(tmp_path / f"proto_{name}.npy", to_bfloat16(protos[b]))
+    files = [PrototypeFile(tmp_path / f"proto_{name}.npy") for name in ("clip", "frame")]
+    resident = [ResidentPrototypes(f) for f in files]
+    paths = [f"/v/{i}.mp4" for i in range(300)]
+    copy_of = np.arange(300)
+    copy_of[7] = 5                                              # an identical copy
+    q = rng.standard_normal((4, 16)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=-1, keepdims=True)
+    for k in (1, 10, 400):
+        hits = [[[(h.path, h.score, h.clip_prototype, h.frame_prototype, h.copies) for h in row]
+                 for row in rank(paths, clip, frame, q, q[::-1], (0.7, 0.3), k, copy_of)]
+                for clip, frame in ((exact[0], exact[1]), files, resident)]
+        assert hits[0] == hits[1] == hits[2]
+        assert len(hits[0][0]) == min(k, 299)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import IndexMissingError, MismatchError, UsageError
-from .index.search import SearchResults, attach_highlights, rank, rerank
+from .index.search import HitFilter, SearchResults, attach_highlights, rank, rerank
 from .index.meta import META_FILE, TEXT_FOLDER, describe_builder
 from .index.store import Index
 from .pipeline.discover import Discovered, discover
@@ -124,18 +124,20 @@ class Library:
 
     def search(self, queries: list[str], k: int = 10, *, keep_duplicates: bool = False,
                clip_model: str | None = None, clip_pretrained: str | None = None,
-               model: str | None = None, rerank_depth: int = 0, torch_free: bool = True) -> SearchResults:
+               model: str | None = None, rerank_depth: int = 0, torch_free: bool = True,
+               hit_filter: HitFilter = HitFilter()) -> SearchResults:
         """The k best videos for each query, with highlights; identical copies are one hit unless kept apart.
 
         With `rerank_depth` K, the first stage's top K are reordered by the model's text-proxy head.
         An index searched with its own encoder and model is searched without torch or LanceDB when its
         exported query side and current search cache are there (`prvr_cli.query`); otherwise, or with
         `torch_free=False`, the encoder and model are loaded, and the query side is exported for next time.
+        `hit_filter` keeps only hits under a path glob (before the top k is taken) and above a score.
         """
         if torch_free and not (clip_model or clip_pretrained or model or rerank_depth):
             searcher = Searcher.open(self.root, self.cache / "indexes")
             if searcher is not None:
-                return searcher.search(queries, k, keep_duplicates)
+                return searcher.search(queries, k, keep_duplicates, hit_filter)
         idx = self.filled_index()
         source = self._encoder_source(idx, clip_model, clip_pretrained, default_weights=False)
         for value, flag in zip(source, ("--clip-model", "--clip-pretrained")):
@@ -153,19 +155,39 @@ class Library:
         if rerank_depth:
             scorer = builder.proxy_scorer()      # refuses a model without a proxy head before any scoring
         ranked = rank(m.paths, m.clip, m.frame, q_clip, q_frame, weights, max(k, rerank_depth),
-                      copy_of=None if keep_duplicates else m.copy_of)
+                      copy_of=None if keep_duplicates else m.copy_of, allowed=hit_filter.allowed(m.paths))
         if rerank_depth:
             for qi, hits in enumerate(ranked):
                 videos = np.array([h.video for h in hits[:rerank_depth]], dtype=np.int64)
                 extra = scorer(q_clip[qi], q_frame[qi], m.clip[videos], m.frame[videos])
                 ranked[qi] = rerank(hits, rerank_depth, extra, scorer.gamma)
-        ranked = [hits[:k] for hits in ranked]
+        ranked = [hit_filter.keep(hits[:k]) for hits in ranked]
         rows = idx.rows(sorted({h.path for hits in ranked for h in hits}),
                         ["timestamps", "attn_clip", "attn_frame", "duration", "fps"])
         for hits in ranked:
             attach_highlights(hits, rows, weights)
         cut = {q: n for q in queries if (n := encoder.cut_tokens(q))}
         return SearchResults(queries, ranked, cut)
+
+    def forget(self, paths: list[str | Path]) -> tuple[list[str], list[str]]:
+        """Drop the indexed videos at these paths (a file, or every video under a folder); they need not exist on
+        disk any more. Returns (the indexed paths dropped, the given paths that matched none)."""
+        idx = self.filled_index()
+        with idx.lock():
+            indexed = [r["path"] for r in self.videos()]
+            dropped, unmatched = [], []
+            for given in paths:
+                target = os.path.abspath(os.path.expanduser(str(given)))
+                real = os.path.realpath(target)
+                hits = [p for p in indexed if p in (target, real) or p.startswith(target.rstrip(os.sep) + os.sep)
+                        or p.startswith(real.rstrip(os.sep) + os.sep)]
+                if not hits:
+                    unmatched.append(str(given))
+                dropped += [h for h in hits if h not in dropped]
+            if dropped:
+                idx.remove(dropped)
+                idx.optimize()
+        return dropped, unmatched
 
     # ----- what is there -------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from .. import settings
+from ..errors import UsageError
 from ..index.meta import describe_builder
 from ..library import disk_usage
 from .options import IndexOpt, JsonOpt, open_library
@@ -55,3 +56,17 @@ def compact(index: Optional[Path] = IndexOpt, as_json: bool = JsonOpt):
         write_line(json.dumps({"index": str(library.root), "bytes_before": before, "bytes_after": after}))
     else:
         write_line(f"compacted {library.root}: {fmt_bytes(before)} -> {fmt_bytes(after)}")
+
+
+def forget(
+    paths: list[Path] = typer.Argument(..., metavar="PATH...", help="Indexed video files, or folders: every indexed "
+                                       "video under them (the files need not exist any more)."),
+    index: Optional[Path] = IndexOpt,
+):
+    """Drop videos from the index: prints each dropped path; a PATH that names no indexed video is an error (2)."""
+    dropped, unmatched = open_library(index).forget(paths)
+    for path in dropped:
+        write_line(path)
+    stderr.print(f"{len(dropped)} video(s) dropped from the index", markup=False)
+    if unmatched:
+        raise UsageError(f"not in the index: {', '.join(unmatched)} (see `prvr list`)")

@@ -11,7 +11,7 @@ from .. import settings
 from ..errors import ExitCode, PrvrError, UsageError
 from .options import (ClipModelOpt, ClipPretrainedOpt, DeviceOpt, IndexOpt, ModelOpt, encoder_choice,
                       open_library)
-from ..index.search import Hit, SearchResults
+from ..index.search import Hit, HitFilter, SearchResults
 from ..serve.client import served_search, socket_path
 from .output import print_search, stderr
 from .plain import cut_warning
@@ -36,6 +36,9 @@ def search(
                                          "separate hits (by default they are one hit, with the others as copies)."),
     rerank: int = typer.Option(0, "--rerank", metavar="K", help="Reorder the first stage's top K with the model's "
                                "text-proxy head (an index built with a `prvr train --proxy-head` checkpoint)."),
+    path_glob: Optional[str] = typer.Option(None, "--path-glob", metavar="GLOB", help="Only videos whose path "
+                                            "matches, e.g. '*/holiday/*' (* also crosses folders)."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop hits scoring below this."),
 ):
     """Rank indexed videos for a query, with the time ranges that match it."""
     fmt = _format(as_json, as_jsonl, paths_only, nul)
@@ -45,11 +48,12 @@ def search(
     if not 0 <= rerank <= 10000:
         raise UsageError(f"--rerank {rerank}: re-rank between 1 and 10000 candidates (0 turns it off)")
     queries, refused = _read_queries(query)
+    hit_filter = HitFilter(path_glob or None, min_score)
     library = open_library(index, device)
     choice = encoder_choice(clip_model, clip_pretrained, model)
     served = None if rerank or any(choice.values()) else socket_path(settings.runtime_dir(), library.root)
     answered = []
-    for batch in _answers(library, served, queries, k, keep_duplicates, rerank, choice):
+    for batch in _answers(library, served, queries, k, keep_duplicates, rerank, choice, hit_filter):
         for q, cut in batch.cut_tokens.items():
             stderr.print(cut_warning(q, cut), markup=False, soft_wrap=True)
         answered += zip(batch.queries, batch.hits)
@@ -61,20 +65,22 @@ def search(
         raise PrvrError(f"{refused} stdin line(s) were not answered (see above)", ExitCode.USAGE)
 
 
-def _answers(library, served, queries: list[str], k: int, keep_duplicates: bool, rerank: int, choice: dict):
+def _answers(library, served, queries: list[str], k: int, keep_duplicates: bool, rerank: int, choice: dict,
+             hit_filter: HitFilter):
     """Results as they come: from a running `prvr serve` one query at a time, the rest (all, with no server)
     in process."""
     done = 0
     if served is not None:
         for q in queries:
-            answer = served_search(served, q, k, keep_duplicates)
+            answer = served_search(served, q, k, keep_duplicates, hit_filter)
             if answer is None:
                 break   # no server, or it stopped: the rest in process
             cut = {answer["query"]: answer["cut_tokens"]} if answer.get("cut_tokens") else {}
             yield SearchResults([answer["query"]], [[Hit.from_dict(h) for h in answer["results"]]], cut)
             done += 1
     if done < len(queries):
-        yield library.search(queries[done:], k, keep_duplicates=keep_duplicates, rerank_depth=rerank, **choice)
+        yield library.search(queries[done:], k, keep_duplicates=keep_duplicates, rerank_depth=rerank,
+                             hit_filter=hit_filter, **choice)
 
 
 def _format(as_json: bool, as_jsonl: bool, paths_only: bool, nul: bool) -> str:

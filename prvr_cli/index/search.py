@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import re
+
 import numpy as np
 
 EXACT_MARGIN = 1e-5  # scores a scan may round differently from the video-by-video rescoring (float32 ulps)
@@ -78,12 +80,34 @@ class SearchResults:
     cut_tokens: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class HitFilter:
+    """Which hits a search keeps: paths matching a glob (`*` crosses folders), scores at least a minimum."""
+
+    path_glob: str | None = None
+    min_score: float | None = None
+
+    def allowed(self, paths: list[str]) -> np.ndarray | None:
+        """Per video, whether its path may be a hit (None: all)."""
+        if not self.path_glob:
+            return None
+        import fnmatch
+
+        pattern = re.compile(fnmatch.translate(self.path_glob))
+        return np.fromiter((pattern.match(p) is not None for p in paths), dtype=bool, count=len(paths))
+
+    def keep(self, hits: list[Hit]) -> list[Hit]:
+        return hits if self.min_score is None else [h for h in hits if h.score >= self.min_score]
+
+
 def rank(paths: list[str], clip: np.ndarray, frame: np.ndarray, q_clip: np.ndarray, q_frame: np.ndarray,
-         weights: tuple[float, float], k: int, copy_of: np.ndarray | None = None) -> list[list[Hit]]:
+         weights: tuple[float, float], k: int, copy_of: np.ndarray | None = None,
+         allowed: np.ndarray | None = None) -> list[list[Hit]]:
     """Top-k hits for each query (best first).
 
     With `copy_of` (per video, the first video with the same content), identical copies of one file are one
-    hit: the first of their paths is scored, and the others are listed as its copies.
+    hit: the first of their paths is scored, and the others are listed as its copies. With `allowed` (per
+    video), only those videos can be hits.
     """
     s_clip, a_clip = max_prototype_scores(clip, q_clip)
     s_frame, a_frame = max_prototype_scores(frame, q_frame)
@@ -94,15 +118,20 @@ def rank(paths: list[str], clip: np.ndarray, frame: np.ndarray, q_clip: np.ndarr
         total[:, duplicates] = -np.inf
         for v in duplicates.tolist():
             copies.setdefault(int(copy_of[v]), []).append(paths[v])
+    if allowed is not None:
+        total[:, ~allowed] = -np.inf
     # Every video that could be in the top k is rescored one by one, so the reported scores and prototypes do
     # not depend on how the scan was blocked or on its precision: the streamed, in-memory and resident scans
     # (approximate by their `score_error`) print the same hits. EXACT_MARGIN keeps exact ties in.
     error = weights[0] * getattr(clip, "score_error", 0.0) + weights[1] * getattr(frame, "score_error", 0.0)
     _rescore_candidates(total, (s_clip, a_clip, clip, q_clip), (s_frame, a_frame, frame, q_frame), weights, k,
                         error + EXACT_MARGIN)
-    k = min(k, total.shape[1] - sum(len(c) for c in copies.values()))
+    k = min(k, int(np.isfinite(total[0]).sum()) if len(total) else 0)
     results = []
     for qi in range(total.shape[0]):
+        if k == 0:
+            results.append([])
+            continue
         top = np.argpartition(-total[qi], k - 1)[:k]
         top = top[np.argsort(-total[qi, top], kind="stable")]
         results.append([Hit(r + 1, float(total[qi, v]), paths[v], float(s_clip[qi, v]), float(s_frame[qi, v]),

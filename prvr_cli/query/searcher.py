@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import random_weights_warning
 from ..index.matrices import PrototypeFile, ResidentPrototypes, published
 from ..index.meta import META_FILE, TEXT_FOLDER, read_meta
-from ..index.search import SearchResults, attach_highlights, rank
+from ..index.search import HitFilter, SearchResults, attach_highlights, rank
 from .tokenizer import Tokenizer
 from .towers import QueryBranch, TextTower
 
@@ -83,10 +83,12 @@ class Searcher:
         vectors = [self.branch(tokens) for tokens in self.tower.per_token(ids)]
         return np.stack([v[0] for v in vectors]), np.stack([v[1] for v in vectors])
 
-    def search(self, queries: list[str], k: int, keep_duplicates: bool = False) -> SearchResults:
+    def search(self, queries: list[str], k: int, keep_duplicates: bool = False,
+               hit_filter: HitFilter = HitFilter()) -> SearchResults:
         q_clip, q_frame = self.encode(queries)
         ranked = rank(self.paths, self.clip, self.frame, q_clip, q_frame, self.weights, k,
-                      copy_of=None if keep_duplicates else self.copy_of)
+                      copy_of=None if keep_duplicates else self.copy_of, allowed=hit_filter.allowed(self.paths))
+        ranked = [hit_filter.keep(hits) for hits in ranked]
         wanted = sorted({h.video for hits in ranked for h in hits})
         rows = {row["path"]: row for row in self.rows.take(wanted).to_pylist()} if wanted else {}
         for hits in ranked:

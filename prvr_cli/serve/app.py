@@ -1,7 +1,8 @@
 """The server: one index kept warm (`ServedIndex`), a JSON API and a page over it (Starlette, run by uvicorn).
 
     GET /                      the page (page.html): a query box, hits as cards, a player
-    GET /api/search?q=&k=      {"query", "results": [hits as `prvr search --json`], "cut_tokens"}
+    GET /api/search?q=&k=      {"query", "results": [hits as `prvr search --json`], "cut_tokens"}; also
+                               duplicates=1, path_glob=, min_score= as the flags of `prvr search`
     GET /api/thumb?path=&t=    a JPEG of the frame at t seconds (decoded once, then cached)
     GET /api/video?path=       the video file, with HTTP range requests so the browser can seek
     GET /api/health            the index, its videos and the cache version searched
@@ -28,6 +29,7 @@ from starlette.routing import Route
 from ..errors import PrvrError
 from ..library import Library
 from ..index.matrices import published
+from ..index.search import HitFilter
 from ..query.searcher import Searcher
 
 MAX_QUERY_CHARS = 2000
@@ -54,11 +56,11 @@ class ServedIndex:
                 self._searcher = Searcher.open(self.library.root, self.user_cache, in_memory=True)
             return self._searcher
 
-    def search(self, query: str, k: int, keep_duplicates: bool):
+    def search(self, query: str, k: int, keep_duplicates: bool, hit_filter: HitFilter = HitFilter()):
         searcher = self.searcher()
         if searcher is None:
-            return self.library.search([query], k, keep_duplicates=keep_duplicates)
-        return searcher.search([query], k, keep_duplicates)
+            return self.library.search([query], k, keep_duplicates=keep_duplicates, hit_filter=hit_filter)
+        return searcher.search([query], k, keep_duplicates, hit_filter)
 
     def indexed_file(self, path: str) -> Path | None:
         """`path` if it is a video of the index and still that file (its real path), else None."""
@@ -102,9 +104,17 @@ def create_app(served: ServedIndex, token: str | None = None, thumbs: Path | Non
             return _error(400, "q is empty: describe the moment you are looking for")
         if len(q) > MAX_QUERY_CHARS:
             return _error(400, f"q has {len(q)} characters; at most {MAX_QUERY_CHARS}")
-        results = served.search(q.strip(), k, keep)
+        glob, floor = request.query_params.get("path_glob") or None, request.query_params.get("min_score")
+        if glob is not None and len(glob) > MAX_QUERY_CHARS:
+            return _error(400, f"path_glob has {len(glob)} characters; at most {MAX_QUERY_CHARS}")
+        try:
+            floor = None if floor in (None, "") else float(floor)
+        except ValueError:
+            return _error(400, f"min_score={floor[:20]!r} is not a number")
+        results = served.search(q.strip(), k, keep, HitFilter(glob, floor))
         return JSONResponse({"query": results.queries[0], "results": [h.as_dict() for h in results.hits[0]],
-                             "cut_tokens": results.cut_tokens.get(results.queries[0], 0)})
+                             "cut_tokens": results.cut_tokens.get(results.queries[0], 0),
+                             "path_glob": glob, "min_score": floor})   # what was applied, for the client to check
 
     def thumb(request: Request):
         from PIL import Image

@@ -35,18 +35,27 @@ class UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def served_search(path: Path, query: str, k: int, keep_duplicates: bool) -> dict | None:
+def served_search(path: Path, query: str, k: int, keep_duplicates: bool, hit_filter=None) -> dict | None:
     """The server's answer ({"query", "results", "cut_tokens"}) or None when no server answers."""
     if not path.exists():
         return None
-    params = urllib.parse.urlencode({"q": query, "k": k, "duplicates": int(keep_duplicates)})
+    params = {"q": query, "k": k, "duplicates": int(keep_duplicates)}
+    if hit_filter is not None and hit_filter.path_glob:
+        params["path_glob"] = hit_filter.path_glob
+    if hit_filter is not None and hit_filter.min_score is not None:
+        params["min_score"] = repr(hit_filter.min_score)
+    params = urllib.parse.urlencode(params)
     conn = UnixConnection(path, ANSWER_TIMEOUT)
     try:
         conn.request("GET", f"/api/search?{params}")
         response = conn.getresponse()
         if response.status != 200:
             return None
-        return json.loads(response.read())
+        answer = json.loads(response.read())
+        wanted = (hit_filter.path_glob, hit_filter.min_score) if hit_filter is not None else (None, None)
+        if (answer.get("path_glob"), answer.get("min_score")) != wanted:
+            return None     # a server of another prvr version that ignored a filter: search in process
+        return answer
     except (OSError, http.client.HTTPException, ValueError):
         return None
     finally:

@@ -248,9 +248,9 @@ class Library:
 
     @staticmethod
     def _export_query_side(idx: Index, encoder, builder) -> None:
-        """Export what a torch-free search of `idx` needs and is missing or stale (`pipeline.export`); a read-only
+        """Export what a torch-free search of `idx` needs and is missing or stale (`pipeline.text_side`); a read-only
         or full disk only costs the next search its speed."""
-        from .pipeline.export import export_query_branch, export_text_tower, read_config
+        from .pipeline.text_side import export_query_branch, export_text_tower, read_config
 
         try:
             if encoder is not None:

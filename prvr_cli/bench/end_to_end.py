@@ -32,7 +32,7 @@ def synthetic_index(root: Path, n_videos: int, encoder, seed: int = 0, progress=
     """An index at `root` holding `n_videos` synthetic zero-shot videos of `encoder`'s dimension (made once)."""
     from ..index.rows import schemas, to_table
     from ..index.store import Index
-    from ..pipeline.export import export_text_tower
+    from ..pipeline.text_side import export_text_tower
     from ..pipeline.prototypes import ZeroShotPrototypes
 
     idx = Index.open(root, create=True)

@@ -13,7 +13,7 @@ from .options import (ClipModelOpt, ClipPretrainedOpt, DeviceOpt, IndexOpt, Mode
                       open_library)
 from ..index.search import Hit, HitFilter, SearchResults
 from ..serve.client import served_search, socket_path
-from .output import print_search, stderr
+from .output import print_search, stderr, write_line
 from .plain import cut_warning
 
 MAX_QUERY_CHARS = 2000
@@ -39,6 +39,11 @@ def search(
     path_glob: Optional[str] = typer.Option(None, "--path-glob", metavar="GLOB", help="Only videos whose path "
                                             "matches, e.g. '*/holiday/*' (* also crosses folders)."),
     min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop hits scoring below this."),
+    export: Optional[Path] = typer.Option(None, "--export", metavar="DIR", help="Cut each hit's best highlight "
+                                          "into DIR as RANK_STEM_START-END.mp4 and print those paths instead."),
+    pad: float = typer.Option(0.0, "--pad", help="With --export: seconds added before and after the highlight."),
+    copy: bool = typer.Option(False, "--copy", help="With --export: copy from the keyframe before the start "
+                              "instead of re-encoding (fast; may start up to one keyframe interval early)."),
 ):
     """Rank indexed videos for a query, with the time ranges that match it."""
     fmt = _format(as_json, as_jsonl, paths_only, nul)
@@ -52,6 +57,14 @@ def search(
     library = open_library(index, device)
     choice = encoder_choice(clip_model, clip_pretrained, model)
     served = None if rerank or any(choice.values()) else socket_path(settings.runtime_dir(), library.root)
+    if export is not None:
+        if len(queries) > 1:
+            raise UsageError("--export cuts the hits of one query; give the query on the command line")
+        if pad < 0:
+            raise UsageError(f"--pad {pad}: give seconds >= 0")
+        batch = next(_answers(library, served, queries, k, keep_duplicates, rerank, choice, hit_filter))
+        export_clips(batch.hits[0], export, pad, copy)
+        return
     answered = []
     for batch in _answers(library, served, queries, k, keep_duplicates, rerank, choice, hit_filter):
         for q, cut in batch.cut_tokens.items():
@@ -63,6 +76,22 @@ def search(
         print_search(answered, fmt, nul)
     if refused:
         raise PrvrError(f"{refused} stdin line(s) were not answered (see above)", ExitCode.USAGE)
+
+
+def export_clips(hits, folder: Path, pad: float, copy: bool) -> None:
+    """Cut the hits into `folder`, print each written path; exit 3 when some could not be cut."""
+    from ..pipeline.cut import export_hits
+
+    failed = []
+
+    def report(hit, message: str) -> None:
+        failed.append(hit.path)
+        stderr.print(f"prvr: error: {message}", markup=False, soft_wrap=True)
+
+    for path in export_hits(hits, folder, pad, copy, on_error=report):
+        write_line(str(path))
+    if failed:
+        raise PrvrError(f"{len(failed)} hit(s) could not be cut (see above)", ExitCode.PARTIAL)
 
 
 def _answers(library, served, queries: list[str], k: int, keep_duplicates: bool, rerank: int, choice: dict,
@@ -124,3 +153,21 @@ def _query_problem(query: str) -> str | None:
     if len(query) > MAX_QUERY_CHARS:
         return f"query of {len(query)} characters is too long (at most {MAX_QUERY_CHARS}); describe one moment"
     return None
+
+
+def export(
+    query: str = typer.Argument(..., metavar="QUERY", help="What happens in the moment you look for."),
+    output: Path = typer.Option(..., "-o", "--output", metavar="DIR", help="Folder for the clips (made if absent)."),
+    top_k: Optional[int] = typer.Option(None, "-k", "--top-k", help="Number of hits to cut [default 10]."),
+    pad: float = typer.Option(0.0, "--pad", help="Seconds added before and after each highlight."),
+    copy: bool = typer.Option(False, "--copy", help="Copy from the keyframe before the start instead of "
+                              "re-encoding (fast; may start up to one keyframe interval early)."),
+    path_glob: Optional[str] = typer.Option(None, "--path-glob", metavar="GLOB", help="Only videos whose path matches."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop hits scoring below this."),
+    index: Optional[Path] = IndexOpt,
+    device: Optional[str] = DeviceOpt,
+):
+    """Cut the best highlight of each hit into DIR (RANK_STEM_START-END.mp4) and print the written paths."""
+    search(query=query, index=index, top_k=top_k, as_json=False, as_jsonl=False, paths_only=False, nul=False,
+           clip_model=None, clip_pretrained=None, model=None, device=device, keep_duplicates=False, rerank=0,
+           path_glob=path_glob, min_score=min_score, export=output, pad=pad, copy=copy)

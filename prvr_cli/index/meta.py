@@ -9,7 +9,7 @@ from ..errors import CorruptError
 
 FORMAT_VERSION = 1
 META_FILE = "index.json"
-TEXT_FOLDER = "text"   # the query side exported for torch-free search (prvr_cli.pipeline.export)
+TEXT_FOLDER = "text"   # the query side exported for torch-free search (prvr_cli.pipeline.text_side)
 
 
 def read_meta(root: Path) -> dict:

@@ -1,4 +1,4 @@
-"""CLIP's text tower and ProtoPRVR's query branch in numpy, from weights exported at ingest (`pipeline.export`).
+"""CLIP's text tower and ProtoPRVR's query branch in numpy, from weights exported at ingest (`pipeline.text_side`).
 
 Both compute in float32, from float32 weights memory-mapped in place. The text tower attends causally, so the
 features of a query's tokens up to its end token do not depend on the padding after it: each

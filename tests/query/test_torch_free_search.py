@@ -12,7 +12,7 @@ import torch
 from prvr_cli.index.matrices import POINTER
 from prvr_cli.library import Library
 from prvr_cli.pipeline.encode import FrameTextEncoder
-from prvr_cli.pipeline.export import export_query_branch, export_text_tower, text_tower_export
+from prvr_cli.pipeline.text_side import export_query_branch, export_text_tower, text_tower_export
 from prvr_cli.pipeline.prototypes import TrainedPrototypes
 from prvr_cli.query.searcher import Searcher
 from prvr_cli.query.tokenizer import Tokenizer

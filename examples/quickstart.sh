@@ -27,4 +27,7 @@ echo "== prvr search 'a woman applying eye makeup'" >&2
 prvr search "a woman applying eye makeup" --index "$index" -k 5
 echo "== the same as JSON" >&2
 prvr search "a woman applying eye makeup" --index "$index" -k 3 --json
+echo "== a contact sheet of the hits, and the best hit cut into a clip" >&2
+prvr search "a woman applying eye makeup" --index "$index" -k 8 --preview .demo/sheet.png --paths-only >/dev/null
+prvr export "a woman applying eye makeup" --index "$index" -k 1 -o .demo/clips
 echo "== to look at the hits in a browser: prvr serve --index $index, then open http://127.0.0.1:8765/" >&2

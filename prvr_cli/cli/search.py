@@ -44,6 +44,8 @@ def search(
     pad: float = typer.Option(0.0, "--pad", help="With --export: seconds added before and after the highlight."),
     copy: bool = typer.Option(False, "--copy", help="With --export: copy from the keyframe before the start "
                               "instead of re-encoding (fast; may start up to one keyframe interval early)."),
+    preview: Optional[Path] = typer.Option(None, "--preview", metavar="PNG", help="Also write a contact sheet: a "
+                                           "frame at each hit's best highlight, labelled with rank, score, name, time."),
 ):
     """Rank indexed videos for a query, with the time ranges that match it."""
     fmt = _format(as_json, as_jsonl, paths_only, nul)
@@ -57,6 +59,8 @@ def search(
     library = open_library(index, device)
     choice = encoder_choice(clip_model, clip_pretrained, model)
     served = None if rerank or any(choice.values()) else socket_path(settings.runtime_dir(), library.root)
+    if preview is not None and (len(queries) > 1 or preview.suffix.lower() != ".png"):
+        raise UsageError(f"--preview {preview}: give a .png file, for one query on the command line")
     if export is not None:
         if len(queries) > 1:
             raise UsageError("--export cuts the hits of one query; give the query on the command line")
@@ -74,6 +78,11 @@ def search(
             print_search(answered[-len(batch.queries):], fmt, nul, with_query=len(queries) > 1)
     if fmt == "json":
         print_search(answered, fmt, nul)
+    if preview is not None:
+        from ..pipeline.thumbs import contact_sheet
+
+        contact_sheet([h.as_dict() for h in answered[0][1]], settings.cache_home() / "thumbs", preview)
+        stderr.print(f"contact sheet of {len(answered[0][1])} hits written to {preview}", markup=False)
     if refused:
         raise PrvrError(f"{refused} stdin line(s) were not answered (see above)", ExitCode.USAGE)
 
@@ -170,4 +179,4 @@ def export(
     """Cut the best highlight of each hit into DIR (RANK_STEM_START-END.mp4) and print the written paths."""
     search(query=query, index=index, top_k=top_k, as_json=False, as_jsonl=False, paths_only=False, nul=False,
            clip_model=None, clip_pretrained=None, model=None, device=device, keep_duplicates=False, rerank=0,
-           path_glob=path_glob, min_score=min_score, export=output, pad=pad, copy=copy)
+           path_glob=path_glob, min_score=min_score, export=output, pad=pad, copy=copy, preview=None)

@@ -76,7 +76,13 @@ def probe(path: Path) -> tuple[VideoInfo, np.ndarray]:
     except Exception as e:
         raise DecodeError(f"{path}: cannot decode ({_reason(e)})") from e
     starts = stamps[:, 0]
-    duration = float(stamps[-1, 1]) if stamps[-1, 1] > stamps[-1, 0] else float(starts[-1] + 1 / max(vr.get_avg_fps(), 1e-3))
+    fps = max(float(vr.get_avg_fps()), 1e-3)
+    if not (np.isfinite(stamps).all() and (starts >= -1e-3).all() and (np.diff(starts) >= 0).all()):
+        # containers without timestamps (AVI) give decord's "no timestamp" value (about -3.7e17) for most
+        # frames: use the frame rate instead, as the frames were meant to be shown
+        starts = np.arange(n, dtype=np.float64) / fps
+        stamps = np.stack([starts, starts + 1 / fps], axis=1)
+    duration = float(stamps[-1, 1]) if stamps[-1, 1] > stamps[-1, 0] else float(starts[-1] + 1 / fps)
     info = VideoInfo(path, n, float(vr.get_avg_fps()), max(duration, 1e-3), int(width), int(height))
     return info, starts
 
@@ -119,11 +125,29 @@ def decode_frames(path: Path, fps: float, size: int, chunk: int = 64) -> tuple[V
 
 
 def decode_still(path: Path, seconds: float, short_side: int = 240) -> np.ndarray:
-    """One frame (uint8 [H, W, 3], short side `short_side`, aspect kept) at `seconds` into the video."""
-    info, starts = probe(path)
-    index = int(np.clip(np.searchsorted(starts, seconds, side="right") - 1, 0, info.n_frames - 1))
-    w, h = resize_dims(info.width, info.height, short_side)
+    """One frame (uint8 [H, W, 3], short side `short_side`, aspect kept) at `seconds` into the video.
+
+    Decoded with PyAV from the keyframe before `seconds` up to it: decord's random access returned
+    smeared frames for some H.264 files (a frame decoded without its references).
+    """
+    import av
+
     try:
-        return _reader(path, w, h)[index].asnumpy()
-    except Exception as e:
-        raise DecodeError(f"{path}: cannot decode the frame at {seconds:.1f}s ({_reason(e)})") from e
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise DecodeError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            if stream.time_base:
+                container.seek(int(max(0.0, seconds) / stream.time_base), stream=stream, backward=True)
+            chosen = None
+            for frame in container.decode(stream):
+                chosen = frame
+                if frame.time is not None and frame.time + 1e-6 >= seconds:
+                    break
+            if chosen is None:
+                raise DecodeError(f"{path}: no frame at {seconds:.1f}s")
+            w, h = resize_dims(chosen.width, chosen.height, short_side)
+            return chosen.to_ndarray(width=w, height=h, format="rgb24")
+    except av.FFmpegError as e:
+        raise DecodeError(f"{path}: cannot decode the frame at {seconds:.1f}s ({str(e)[:160]})") from e

@@ -13,9 +13,7 @@ the file itself (not a symlink put in its place). With a token, every TCP reques
 """
 from __future__ import annotations
 
-import hashlib
 import hmac
-import io
 import os
 import threading
 from pathlib import Path
@@ -117,9 +115,7 @@ def create_app(served: ServedIndex, token: str | None = None, thumbs: Path | Non
                              "path_glob": glob, "min_score": floor})   # what was applied, for the client to check
 
     def thumb(request: Request):
-        from PIL import Image
-
-        from ..pipeline.decode import decode_still
+        from ..pipeline.thumbs import thumbnail
 
         path = served.indexed_file(request.query_params.get("path", ""))
         if path is None:
@@ -130,17 +126,7 @@ def create_app(served: ServedIndex, token: str | None = None, thumbs: Path | Non
             return _error(400, "t is not a number of seconds")
         if not 0 <= t < 1e7:
             return _error(400, "t is outside the video")
-        stat = path.stat()
-        key = hashlib.sha1(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{t}".encode()).hexdigest()
-        cached = thumbs / f"{key}.jpg"
-        if not cached.is_file():
-            buffer = io.BytesIO()
-            Image.fromarray(decode_still(path, t)).save(buffer, format="JPEG", quality=80)
-            thumbs.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_bytes(buffer.getvalue())
-            os.replace(tmp, cached)
-        return FileResponse(cached, media_type="image/jpeg")
+        return FileResponse(thumbnail(path, t, thumbs), media_type="image/jpeg")
 
     def video(request: Request):
         path = served.indexed_file(request.query_params.get("path", ""))

@@ -68,7 +68,7 @@ class Library:
     # ----- ingest and reindex --------------------------------------------------------------
 
     def ingest(self, paths: list[Path], *, glob: str | None = None, fps: float = 3.0, workers: int = 2,
-               batch_size: int = 64, prune: bool = False, decode_timeout: float | None = None,
+               batch_size: int = 64, prune: bool = False, decode_timeout: float | None = None, decoder: str = "auto",
                clip_model: str | None = None, clip_pretrained: str | None = None, model: str | None = None,
                wait=None, progress=None) -> IngestReport:
         """Index the videos under `paths`; `wait(root, pid)` waits for another writer instead of failing."""
@@ -100,7 +100,7 @@ class Library:
                 progress.begin(len(plan.encode))
             summary = run_ingest(idx, plan, encoder, builder, fps=fps, workers=workers, batch_size=batch_size,
                                  progress=progress, decode_timeout=DECODE_TIMEOUT if decode_timeout is None
-                                 else decode_timeout)
+                                 else decode_timeout, decoder=decoder)
             if summary.new or summary.changed or summary.moved or summary.pruned:
                 idx.optimize()
             self._export_query_side(idx, encoder, builder)   # after the videos: they come first on a full disk

@@ -48,6 +48,7 @@ DEFAULTS = {
     "workers": lambda: min(4, os.cpu_count() or 1),
     "batch_size": lambda: 64,
     "top_k": lambda: 10,
+    "decoder": lambda: "auto",
 }
 # Settings a config file may hold: those above, and the trained model (no default: zero-shot prototypes).
 KNOWN = sorted([*DEFAULTS, "model"])

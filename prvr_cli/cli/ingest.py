@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from .. import settings
+from ..pipeline.decode import resolve_decoder
 from ..errors import ExitCode, UsageError
 from .options import (ClipModelOpt, ClipPretrainedOpt, DeviceOpt, IndexOpt, ModelOpt, encoder_choice,
                       open_library)
@@ -29,6 +30,8 @@ def ingest(
     decode_timeout: Optional[float] = typer.Option(None, "--decode-timeout",
                                                    help="Give up on a file whose decoding takes longer than this many "
                                                    "seconds plus 4 s per second of video; 0: no limit [default 60]."),
+    decoder: Optional[str] = typer.Option(None, "--decoder", help="auto, decord or pyav [env PRVR_DECODER; default "
+                                          "auto: decord when installed, else PyAV]."),
     wait: bool = typer.Option(False, "--wait", help="If another prvr process is writing the index, wait for it "
                               "instead of exiting with code 6."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout."),
@@ -36,6 +39,7 @@ def ingest(
 ):
     """Index videos: decode, encode frames with CLIP, build prototypes, store them."""
     speed = _ingest_speed(fps, workers, batch_size, decode_timeout)
+    speed["decoder"] = resolve_decoder(settings.resolve("decoder", decoder))
     library = open_library(index, device)
     with IngestProgress(enabled=not quiet and stderr.is_terminal) as progress, native_stderr_silenced():
         report = library.ingest(paths, glob=glob, prune=prune, **speed, **encoder_choice(clip_model, clip_pretrained,

@@ -1,9 +1,10 @@
 """Stage 2: decode a video into frames sampled at a fixed rate, streamed in chunks.
 
-decord resizes while decoding (short side to the encoder's input size), so only
-small frames ever reach Python; a center crop gives the square the encoder wants.
-Timestamps come from the container (per-frame presentation times), so variable
-frame rate video is sampled at the right moments.
+Two decoders give the same frames (`decoder=`): decord, which resizes while decoding (short side
+to the encoder's input size) so only small frames reach Python, and PyAV, which installs on every
+platform (decord has no wheels for macOS arm64 or Linux aarch64). "auto" takes decord when it can
+be imported, else PyAV. A center crop gives the square the encoder wants. Timestamps come from the
+container (per-frame presentation times), so variable frame rate video is sampled at the right moments.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import DecodeError
+from ..errors import DecodeError, UsageError
 
 
 @dataclass
@@ -99,11 +100,35 @@ def resize_dims(width: int, height: int, short_side: int) -> tuple[int, int]:
     return max(short_side, round(width * scale)), max(short_side, round(height * scale))
 
 
-def decode_frames(path: Path, fps: float, size: int, chunk: int = 64) -> tuple[VideoInfo, Iterator[FrameChunk]]:
+DECODERS = ("auto", "decord", "pyav")
+
+
+def resolve_decoder(name: str = "auto") -> str:
+    """The decoder to use: decord or pyav ("auto": decord when it can be imported)."""
+    if name not in DECODERS:
+        raise UsageError(f"--decoder {name!r}: use one of {', '.join(DECODERS)}")
+    if name != "auto":
+        return name
+    try:
+        import decord  # noqa: F401
+        return "decord"
+    except ImportError:
+        return "pyav"
+
+
+def _center_crop(frames: np.ndarray, size: int) -> np.ndarray:
+    top, left = (frames.shape[1] - size) // 2, (frames.shape[2] - size) // 2
+    return np.ascontiguousarray(frames[:, top:top + size, left:left + size])
+
+
+def decode_frames(path: Path, fps: float, size: int, chunk: int = 64,
+                  decoder: str = "auto") -> tuple[VideoInfo, Iterator[FrameChunk]]:
     """Probe `path`, then stream its frames sampled at `fps`, center-cropped to size x size, in chunks.
 
     Memory stays bounded by one chunk whatever the video's length.
     """
+    if resolve_decoder(decoder) == "pyav":
+        return _decode_frames_pyav(path, fps, size, chunk)
     info, starts = probe(path)
     times = sample_times(info.duration, fps)
     indices = np.clip(np.searchsorted(starts, times, side="right") - 1, 0, info.n_frames - 1)
@@ -116,10 +141,74 @@ def decode_frames(path: Path, fps: float, size: int, chunk: int = 64) -> tuple[V
             try:
                 batch = vr.get_batch(idx.tolist()).asnumpy()
             except Exception as e:
+                if lo == 0:   # decord cannot scale some small or odd frame sizes at all: this file goes to PyAV
+                    try:
+                        yield from _decode_frames_pyav(path, fps, size, chunk)[1]
+                        return
+                    except DecodeError:
+                        pass
                 raise DecodeError(f"{path}: decoding failed near {times[lo]:.1f}s ({_reason(e)})") from e
-            top, left = (batch.shape[1] - size) // 2, (batch.shape[2] - size) // 2
-            frames = np.ascontiguousarray(batch[:, top:top + size, left:left + size])
-            yield FrameChunk(frames, times[lo:lo + chunk].astype(np.float32))
+            yield FrameChunk(_center_crop(batch, size), times[lo:lo + chunk].astype(np.float32))
+
+    return info, chunks()
+
+
+def probe_pyav(path: Path) -> tuple[VideoInfo, np.ndarray]:
+    """Like `probe`, with PyAV: the frames' presentation times from the packets, without decoding."""
+    import av
+
+    if path.stat().st_size == 0:
+        raise DecodeError(f"{path}: empty file (0 bytes)")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise DecodeError(f"{path}: cannot decode (no video stream (audio only?))")
+            stream = container.streams.video[0]
+            pts = sorted(p.pts for p in container.demux(stream) if p.pts is not None and p.size > 0)
+            rate = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+            width, height, base = stream.codec_context.width, stream.codec_context.height, stream.time_base
+            first = stream.start_time if stream.start_time is not None else (pts[0] if pts else 0)
+    except av.FFmpegError as e:
+        raise DecodeError(f"{path}: cannot decode ({str(e)[:160]})") from e
+    if not pts:
+        raise DecodeError(f"{path}: no video frames")
+    starts = (np.asarray(pts, dtype=np.float64) - float(first)) * float(base) if base else \
+        np.arange(len(pts)) / rate
+    duration = float(starts[-1] + 1 / rate)
+    return VideoInfo(path, len(pts), rate, max(duration, 1e-3), int(width), int(height)), starts
+
+
+def _decode_frames_pyav(path: Path, fps: float, size: int, chunk: int) -> tuple[VideoInfo, Iterator[FrameChunk]]:
+    """`decode_frames` with PyAV: decode in presentation order, keep the sampled frame indices, resize, crop."""
+    import av
+
+    info, starts = probe_pyav(path)
+    times = sample_times(info.duration, fps)
+    indices = np.clip(np.searchsorted(starts, times, side="right") - 1, 0, info.n_frames - 1)
+
+    def chunks() -> Iterator[FrameChunk]:
+        w, h = resize_dims(info.width, info.height, size)
+        wanted = iter(enumerate(indices.tolist()))
+        position, target = next(wanted, (None, None))
+        frames, stamps = [], []
+        try:
+            with av.open(str(path)) as container:
+                stream = container.streams.video[0]
+                stream.thread_type = "AUTO"
+                for index, frame in enumerate(container.decode(stream)):
+                    while target is not None and target == index:   # one decoded frame may serve several samples
+                        frames.append(frame.to_ndarray(width=w, height=h, format="rgb24"))
+                        stamps.append(times[position])
+                        if len(frames) == chunk:
+                            yield FrameChunk(_center_crop(np.stack(frames), size), np.asarray(stamps, np.float32))
+                            frames, stamps = [], []
+                        position, target = next(wanted, (None, None))
+                    if target is None:
+                        break
+        except av.FFmpegError as e:
+            raise DecodeError(f"{path}: decoding failed ({str(e)[:160]})") from e
+        if frames:
+            yield FrameChunk(_center_crop(np.stack(frames), size), np.asarray(stamps, np.float32))
 
     return info, chunks()
 

@@ -155,7 +155,7 @@ class DecodeWatch:
 
 
 def decode_worker(job: int, path: Path, fps: float, size: int, out: queue.Queue, stop: threading.Event,
-                   chunk: int, watch: DecodeWatch) -> None:
+                   chunk: int, watch: DecodeWatch, decoder: str = "auto") -> None:
     """Push ("info", job, VideoInfo), then ("chunk", job, FrameChunk)..., then ("done", job, None) or ("error", ...)."""
 
     def put(item):
@@ -164,7 +164,7 @@ def decode_worker(job: int, path: Path, fps: float, size: int, out: queue.Queue,
 
     try:
         watch.start()
-        info, chunks = decode_frames(path, fps, size, chunk)
+        info, chunks = decode_frames(path, fps, size, chunk, decoder)
         watch.pause()
         put(("info", job, info))
         chunks = iter(chunks)
@@ -206,7 +206,7 @@ class _Job:
 
 
 def run_ingest(index: Index, plan: Plan, encoder, builder, *, fps: float, workers: int, batch_size: int,
-               progress=None, decode_timeout: float | None = DECODE_TIMEOUT) -> Summary:
+               progress=None, decode_timeout: float | None = DECODE_TIMEOUT, decoder: str = "auto") -> Summary:
     """Carry out `plan` on `index` (which the caller has locked and bound to encoder and builder).
 
     `decode_timeout` (None or 0: no limit) gives each file that many seconds plus
@@ -226,12 +226,13 @@ def run_ingest(index: Index, plan: Plan, encoder, builder, *, fps: float, worker
         summary.pruned = len(plan.prune)
     if plan.encode:
         _encode_all(index, plan, encoder, builder, summary, fps=fps, workers=workers, batch_size=batch_size,
-                    progress=progress, decode_timeout=decode_timeout)
+                    progress=progress, decode_timeout=decode_timeout, decoder=decoder)
     summary.seconds = time.monotonic() - started
     return summary
 
 
-def _encode_all(index, plan, encoder, builder, summary, *, fps, workers, batch_size, progress, decode_timeout):
+def _encode_all(index, plan, encoder, builder, summary, *, fps, workers, batch_size, progress, decode_timeout,
+                decoder):
     jobs = [_Job(state, reason) for state, reason in plan.encode]
     out: queue.Queue = queue.Queue(maxsize=max(4, 2 * workers))
     stop = threading.Event()
@@ -262,7 +263,7 @@ def _encode_all(index, plan, encoder, builder, summary, *, fps, workers, batch_s
                 continue
             watch = DecodeWatch(decode_timeout)
             thread = threading.Thread(target=decode_worker, name=f"decode-{i}", daemon=True,
-                                      args=(i, state.path, fps, encoder.image_size, out, stop, chunk, watch))
+                                      args=(i, state.path, fps, encoder.image_size, out, stop, chunk, watch, decoder))
             running[i] = (thread, watch)
             thread.start()
 

@@ -11,6 +11,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 app.command("ingest")(ingest.ingest)
 app.command("search")(search.search)
 app.command("export")(search.export)
+app.command("open")(search.open_last)
 app.command("list")(index.list_videos)
 app.command("info")(index.info)
 app.command("reindex")(ingest.reindex)

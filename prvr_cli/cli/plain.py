@@ -3,7 +3,9 @@ standard library only: `prvr search` answered by a running server prints through
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 
 _TSV_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
@@ -57,3 +59,14 @@ def print_hits(results: list[tuple[str, list[dict]]], fmt: str, nul: bool = Fals
                 write_line(tsv_line([q, *fields] if with_query else fields))
     else:
         raise ValueError(f"unknown plain format {fmt!r}")
+
+
+def remember(cache: Path, index: str, results: list[tuple[str, list[dict]]]) -> None:
+    """Keep the last search's hits (for `prvr open N`); a failure to write only loses that."""
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / f"last_search.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps({"index": index, "results": [{"query": q, "hits": h} for q, h in results]}))
+        os.replace(tmp, cache / "last_search.json")
+    except OSError:
+        pass

@@ -14,7 +14,7 @@ from .options import (ClipModelOpt, ClipPretrainedOpt, DeviceOpt, IndexOpt, Mode
 from ..index.search import Hit, HitFilter, SearchResults
 from ..serve.client import served_search, socket_path
 from .output import print_search, stderr, write_line
-from .plain import cut_warning
+from .plain import cut_warning, remember
 
 MAX_QUERY_CHARS = 2000
 
@@ -46,6 +46,8 @@ def search(
                               "instead of re-encoding (fast; may start up to one keyframe interval early)."),
     preview: Optional[Path] = typer.Option(None, "--preview", metavar="PNG", help="Also write a contact sheet: a "
                                            "frame at each hit's best highlight, labelled with rank, score, name, time."),
+    open_hit: Optional[int] = typer.Option(None, "--open", metavar="N", help="Also play hit N in mpv, VLC or the "
+                                           "system player, from its best highlight."),
 ):
     """Rank indexed videos for a query, with the time ranges that match it."""
     fmt = _format(as_json, as_jsonl, paths_only, nul)
@@ -78,6 +80,9 @@ def search(
             print_search(answered[-len(batch.queries):], fmt, nul, with_query=len(queries) > 1)
     if fmt == "json":
         print_search(answered, fmt, nul)
+    remember(settings.cache_home(), str(library.root), [(q, [h.as_dict() for h in hits]) for q, hits in answered])
+    if open_hit is not None:
+        play_hit(open_hit, [h.as_dict() for h in answered[0][1]], print_only=False)
     if preview is not None:
         from ..pipeline.thumbs import contact_sheet
 
@@ -179,4 +184,42 @@ def export(
     """Cut the best highlight of each hit into DIR (RANK_STEM_START-END.mp4) and print the written paths."""
     search(query=query, index=index, top_k=top_k, as_json=False, as_jsonl=False, paths_only=False, nul=False,
            clip_model=None, clip_pretrained=None, model=None, device=device, keep_duplicates=False, rerank=0,
-           path_glob=path_glob, min_score=min_score, export=output, pad=pad, copy=copy, preview=None)
+           path_glob=path_glob, min_score=min_score, export=output, pad=pad, copy=copy, preview=None,
+           open_hit=None)
+
+
+def play_hit(n: int, hits: list[dict], print_only: bool) -> None:
+    """Play hit `n` (1-based) from its best highlight, or print the command line that would."""
+    import shlex
+
+    from ..player import launch, player_command
+
+    if not 1 <= n <= len(hits):
+        raise UsageError(f"hit {n}: the search has {len(hits)} hit(s); choose 1 to {len(hits)}")
+    hit = hits[n - 1]
+    start = hit["highlights"][0]["start"] if hit.get("highlights") else 0.0
+    try:
+        command = player_command(hit["path"], start)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    if print_only:
+        write_line(shlex.join(command))
+    else:
+        stderr.print(f"playing {hit['path']} from {start:.1f}s", markup=False, soft_wrap=True)
+        launch(command)
+
+
+def open_last(
+    n: int = typer.Argument(1, metavar="N", help="Which hit of the last search (1 = best)."),
+    print_only: bool = typer.Option(False, "--print", help="Print the player's command line instead of running it."),
+):
+    """Play hit N of the last `prvr search` in mpv, VLC or the system player, from its best highlight."""
+    import json
+
+    try:
+        last = json.loads((settings.cache_home() / "last_search.json").read_text())
+    except (OSError, ValueError):
+        raise UsageError("no search to open a hit from: run `prvr search \"...\"` first") from None
+    if len(last["results"]) != 1:
+        raise UsageError("the last search had several queries; search one and open its hit")
+    play_hit(n, last["results"][0]["hits"], print_only)

@@ -66,11 +66,12 @@ def served_main(argv: list[str]) -> int | None:
     answer = served_search(socket_path(settings.runtime_dir(), root), opts["query"].strip(), k, bool(opts.get("keep")))
     if answer is None:
         return None
-    from .plain import StdoutClosed, cut_warning, print_hits
+    from .plain import StdoutClosed, cut_warning, print_hits, remember
 
     if answer.get("cut_tokens"):
         print(cut_warning(answer["query"], answer["cut_tokens"]), file=sys.stderr)
     fmt = "json" if opts.get("json") else "jsonl" if opts.get("jsonl") else "paths" if opts.get("paths") else "tsv"
+    remember(settings.cache_home(), str(root), [(answer["query"], answer["results"])])
     try:
         print_hits([(answer["query"], answer["results"])], fmt, bool(opts.get("nul")))
         sys.stdout.flush()

@@ -13,7 +13,8 @@ import typer
 
 from ..errors import ExitCode, PrvrError
 from .app import app
-from .output import StdoutClosed, stderr
+from .output import stderr
+from .plain import StdoutClosed
 
 
 # OS errors a user can act on (from writes outside the store's own guard, e.g. index.json or the cache)

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from .plain import StdoutClosed, print_hits, tsv_field, tsv_line, write_line  # noqa: F401 (the CLI's printing API)
+from .plain import print_hits, tsv_line, write_line
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 

@@ -17,7 +17,7 @@ from prvr_cli.pipeline.prototypes import TrainedPrototypes
 from prvr_cli.query.searcher import Searcher
 from prvr_cli.query.tokenizer import Tokenizer
 from prvr_cli.query.towers import QueryBranch, TextTower
-from tests.helpers import PALETTE, TINY_CLIP, make_video
+from tests.helpers import TINY_CLIP, make_video
 
 TEXTS = ["a person cooking", "Chase grabs his COFFEE!!", "naïve café — 2024's “best” <start_of_text> x",
          "&amp;lt;b&amp;gt; don't   STOP", "日本語のテキスト 😀🎉", "x" * 300, " ".join(["word"] * 100), "",

@@ -166,33 +166,84 @@ def load_matrices(table, proto_dim: int, folders: list[Path]) -> SearchMatrices:
         return load_matrices(table, proto_dim, [f for f in folders if f != folder] if cache.exists() else folders)
 
 
-def _read_table(table, dim: int) -> SearchMatrices:
-    data = table.to_arrow().select(["path", "content_hash", "proto_clip", "proto_frame"])
-    arrays = {}
-    for col in ("proto_clip", "proto_frame"):
-        arr = data[col].combine_chunks()
-        counts = np.diff(arr.offsets.to_numpy())
-        if len(set(counts.tolist())) > 1:
-            raise CorruptError("the index's videos have different prototype counts; run `prvr reindex`")
-        values = arr.flatten().flatten().to_numpy(zero_copy_only=False).reshape(len(arr), int(counts[0]), dim)
-        arrays[col] = from_bfloat16(to_bfloat16(values))   # the values a cache holds, so every search scores alike
+SCAN_BATCH = 2048    # videos read from the table at a time when building matrices (bounded memory)
+
+
+def _table_batches(table, dim: int):
+    """(paths, content hashes, clip and frame prototypes as bfloat16 bits [b, Lp, D], highlight rows) for each
+    batch of the table's videos in table order, reading a few thousand videos at a time."""
+    import pyarrow as pa
+
+    columns = sorted({"content_hash", "proto_clip", "proto_frame", *ROW_COLUMNS})
+    reader = table.search().select(columns).limit(None).to_batches(SCAN_BATCH)
+    for batch in reader:
+        data = pa.Table.from_batches([batch])
+        protos = []
+        for col in ("proto_clip", "proto_frame"):
+            arr = data[col].combine_chunks()
+            counts = np.diff(arr.offsets.to_numpy())
+            if len(set(counts.tolist())) > 1:
+                raise CorruptError("the index's videos have different prototype counts; run `prvr reindex`")
+            values = arr.flatten().flatten().to_numpy(zero_copy_only=False)
+            protos.append(to_bfloat16(values).reshape(len(arr), int(counts[0]) if len(counts) else 0, dim))
+        yield data["path"].to_pylist(), data["content_hash"].to_pylist(), protos[0], protos[1], \
+            data.select(ROW_COLUMNS)
+
+
+def _copy_of(hashes: list[str]) -> np.ndarray:
     first: dict[str, int] = {}
-    copy_of = np.array([first.setdefault(h, v) for v, h in enumerate(data["content_hash"].to_pylist())], np.int64)
-    return SearchMatrices(data["path"].to_pylist(), copy_of, arrays["proto_clip"], arrays["proto_frame"])
+    return np.array([first.setdefault(h, v) for v, h in enumerate(hashes)], np.int64)
+
+
+def _read_table(table, dim: int) -> SearchMatrices:
+    """The matrices in memory (float32 of the bfloat16 values a cache holds, so every search scores alike)."""
+    paths, hashes, clip, frame = [], [], [], []
+    for p, h, c, f, _ in _table_batches(table, dim):
+        paths += p
+        hashes += h
+        clip.append(c)
+        frame.append(f)
+    return SearchMatrices(paths, _copy_of(hashes), from_bfloat16(np.concatenate(clip)),
+                          from_bfloat16(np.concatenate(frame)))
 
 
 def _build_cache(table, dim: int, cache: Path) -> None:
-    """Write the matrices into `cache` atomically (a temporary folder renamed), then drop older versions'."""
-    m = _read_table(table, dim)
+    """Write the matrices into `cache` batch by batch, atomically (a temporary folder renamed), then drop older
+    versions'. Memory stays bounded by one batch of videos whatever the library's size."""
+    import pyarrow as pa
+
+    n = table.count_rows()
     tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        np.save(tmp / "proto_clip.npy", to_bfloat16(m.clip))
-        np.save(tmp / "proto_frame.npy", to_bfloat16(m.frame))
-        np.save(tmp / "copy_of.npy", m.copy_of)
-        _write_rows(table, m.paths, tmp / "rows.arrow")
-        (tmp / "videos.json").write_text(json.dumps({"paths": m.paths}))
+        paths, hashes, matrices, writer, sink, done = [], [], None, None, None, 0
+        try:
+            for p, h, clip, frame, rows in _table_batches(table, dim):
+                if matrices is None:
+                    matrices = [np.lib.format.open_memmap(tmp / f"proto_{b}.npy", mode="w+", dtype=np.uint16,
+                                                          shape=(n, *m.shape[1:])) for b, m in (("clip", clip),
+                                                                                                ("frame", frame))]
+                    sink = pa.OSFile(str(tmp / "rows.arrow"), "wb")
+                    writer = pa.ipc.new_file(sink, rows.schema)
+                if clip.shape[1:] != matrices[0].shape[1:] or frame.shape[1:] != matrices[1].shape[1:]:
+                    raise CorruptError("the index's videos have different prototype counts; run `prvr reindex`")
+                matrices[0][done:done + len(p)], matrices[1][done:done + len(p)] = clip, frame
+                writer.write_table(rows)
+                paths += p
+                hashes += h
+                done += len(p)
+        finally:
+            if writer is not None:
+                writer.close()
+                sink.close()
+        if matrices is None or done != n:
+            raise CorruptError(f"index table read {done} of {n} videos; run the search again")
+        for m in matrices:
+            m.flush()
+        del matrices
+        np.save(tmp / "copy_of.npy", _copy_of(hashes))
+        (tmp / "videos.json").write_text(json.dumps({"paths": paths}))
         try:
             os.replace(tmp, cache)
         except OSError:
@@ -205,20 +256,12 @@ def _build_cache(table, dim: int, cache: Path) -> None:
             raise DiskError(f"no space left on the device holding {cache.parent} for the search cache; "
                             "free space and run again") from e
         raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for old in cache.parent.glob("videos-v*"):
         if old != cache and ".tmp" not in old.name:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_rows(table, paths: list[str], target: Path) -> None:
-    """The highlight columns of every video, in the order of `paths`, as an Arrow IPC file."""
-    import pyarrow as pa
-
-    rows = table.to_arrow().select(ROW_COLUMNS)
-    order = {p: i for i, p in enumerate(rows["path"].to_pylist())}
-    rows = rows.take(pa.array([order[p] for p in paths], pa.int64())).combine_chunks()
-    with pa.OSFile(str(target), "wb") as sink, pa.ipc.new_file(sink, rows.schema) as writer:
-        writer.write_table(rows)
 
 
 def _point_at(folder: Path, version: int) -> None:

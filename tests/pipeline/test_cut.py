@@ -53,3 +53,14 @@ def test_export_prints_one_clip_per_hit(cli, videos, tmp_path):
     assert code == 0 and len(out.splitlines()) == 1, err
     code, _, err = cli("search", "a red screen", "--export", tmp_path / "c3", "--pad", "-1")
     assert code == ExitCode.USAGE and "--pad" in err
+
+
+def test_cuts_of_the_real_clips_are_frame_accurate(shared_videos, tmp_path):
+    for path in sorted(shared_videos.iterdir()):
+        with av.open(str(path)) as c:
+            rate = float(c.streams.video[0].average_rate)
+        start, end = 2.0, 4.5
+        times = frame_times(cut(path, start, end, tmp_path / f"{path.stem}.mp4"))
+        assert abs(len(times) - (end - start) * rate) <= 1.5, (path.name, len(times), rate)
+        copied = frame_times(cut(path, start, end, tmp_path / f"{path.stem}_copy.mp4", copy=True))
+        assert (end - start) * rate - 1.5 <= len(copied), path.name       # from the keyframe before the start

@@ -233,6 +233,19 @@ def accuracy_cmd(
     write_line(json.dumps(result) if as_json else accuracy.markdown(result))
 
 
+@bench_app.command("seeds")
+def seeds_cmd(
+    records: list[str] = typer.Argument(..., metavar="RECORD...", help="`prvr bench accuracy --json` outputs "
+                                        "and/or `prvr train` run folders (LABEL=FOLDER names the row), one per seed."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout instead of Markdown."),
+):
+    """The seed spread of runs made with different seeds: per model, the mean and min-max of test R@K and SumR."""
+    from ..bench.seeds import aggregate, markdown
+
+    entries = aggregate(records)
+    write_line(json.dumps(entries) if as_json else markdown(entries))
+
+
 @bench_app.command("rerank")
 def rerank_cmd(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint with a text-proxy head "

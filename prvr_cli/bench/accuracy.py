@@ -267,6 +267,19 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _merge_into(record: Path, result: dict) -> dict:
+    """`result` with the rows of an earlier record of the same data, budget and seed that it did not re-run
+    (a rerun with other --presets adds rows instead of replacing the record)."""
+    try:
+        old = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return result
+    if any(old.get(k) != result.get(k) for k in ("data", "budget", "seed")):
+        return result
+    names = {r["name"] for r in result["results"]}
+    return {**result, "results": [r for r in old.get("results", []) if r["name"] not in names] + result["results"]}
+
+
 def plot(result: dict, folder: Path) -> list[Path]:
     """PNGs: SumR against bytes per video (methods x storage types), SumR against prototypes per branch."""
     import matplotlib
@@ -343,6 +356,7 @@ def run(data_root: Path, collection: str, feature: str, runs: Path, presets: lis
     result["plots"] = [str(p) for p in plot(result, plots or runs)]
     # the full report keeps its own name, so a partial rerun (--tables) never replaces it
     record = runs / ("bench_accuracy.json" if set(tables) == set(DEFAULT_TABLES) else f"bench_accuracy-{'+'.join(tables)}.json")
+    result = _merge_into(record, result)
     record.write_text(json.dumps(result, indent=2))
     say(console, f"results in {record}; plots: {', '.join(result['plots'])}")
     return result

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,6 +100,13 @@ def test_bench_accuracy_trains_measures_and_reuses(cli, tiny_bench, tmp_path):
     code, out, err = cli(*args, "--tables", "prototypes", "--prototypes", "2", index=False)
     assert code == 0, err
     assert (runs / "bench_accuracy.json").read_text() == full and (runs / "bench_accuracy-prototypes.json").is_file()
+
+    # reruns of one table with other presets add their rows to its record instead of replacing it
+    for preset in presets[:2]:
+        code, out, err = cli(*args, "--tables", "methods", "--presets", preset, index=False)
+        assert code == 0, err
+    kept = json.loads((runs / "bench_accuracy-methods.json").read_text())
+    assert sorted(r["name"] for r in kept["results"]) == sorted(Path(p).stem for p in presets[:2])
 
     # other settings (here the batch size) never overwrite what is there
     code, out, err = cli(*args, "--batch-videos", "4", index=False)

@@ -168,6 +168,8 @@ def probe_pyav(path: Path) -> tuple[VideoInfo, np.ndarray]:
             rate = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
             width, height, base = stream.codec_context.width, stream.codec_context.height, stream.time_base
             first = stream.start_time if stream.start_time is not None else (pts[0] if pts else 0)
+    except av.InvalidDataError as e:
+        raise DecodeError(f"{path}: cannot decode (not a readable video file)") from e
     except av.FFmpegError as e:
         raise DecodeError(f"{path}: cannot decode ({str(e)[:160]})") from e
     if not pts:

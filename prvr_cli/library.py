@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .errors import IndexMissingError, MismatchError, UsageError
 from .index.search import HitFilter, SearchResults, attach_highlights, rank, rerank
-from .index.meta import META_FILE, TEXT_FOLDER, describe_builder
+from .index.meta import META_FILE, describe_builder, read_text_config
 from .index.store import Index
 from .pipeline.discover import Discovered, discover
 from .devices import resolve_device
@@ -175,7 +175,7 @@ class Library:
         idx = self.filled_index()
         with idx.lock():
             indexed = [r["path"] for r in self.videos()]
-            dropped, unmatched = [], []
+            dropped, unmatched = {}, []   # dict: each indexed path once, in the order found
             for given in paths:
                 target = os.path.abspath(os.path.expanduser(str(given)))
                 real = os.path.realpath(target)
@@ -183,11 +183,11 @@ class Library:
                         or p.startswith(real.rstrip(os.sep) + os.sep)]
                 if not hits:
                     unmatched.append(str(given))
-                dropped += [h for h in hits if h not in dropped]
+                dropped.update(dict.fromkeys(hits))
             if dropped:
-                idx.remove(dropped)
+                idx.remove(list(dropped))
                 idx.optimize()
-        return dropped, unmatched
+        return list(dropped), unmatched
 
     # ----- what is there -------------------------------------------------------------------
 
@@ -250,12 +250,12 @@ class Library:
     def _export_query_side(idx: Index, encoder, builder) -> None:
         """Export what a torch-free search of `idx` needs and is missing or stale (`pipeline.text_side`); a read-only
         or full disk only costs the next search its speed."""
-        from .pipeline.text_side import export_query_branch, export_text_tower, read_config
+        from .pipeline.text_side import export_query_branch, export_text_tower
 
         try:
             if encoder is not None:
                 export_text_tower(encoder, idx.root)
-            found = read_config(idx.root / TEXT_FOLDER, "query_branch")
+            found = read_text_config(idx.root, "query_branch")
             if (found or {}).get("builder") != builder.spec()["fingerprint"]:
                 export_query_branch(builder, idx.root)
         except Exception as e:  # noqa: BLE001 - an optimisation: any failure leaves the full path, never a lost write

@@ -80,14 +80,15 @@ def search(
             print_search(answered[-len(batch.queries):], fmt, nul, with_query=len(queries) > 1)
     if fmt == "json":
         print_search(answered, fmt, nul)
-    remember(settings.cache_home(), str(library.root), [(q, [h.as_dict() for h in hits]) for q, hits in answered])
+    as_dicts = [(q, [h.as_dict() for h in hits]) for q, hits in answered]
+    remember(settings.cache_home(), str(library.root), as_dicts)
     if open_hit is not None:
-        play_hit(open_hit, [h.as_dict() for h in answered[0][1]], print_only=False)
+        play_hit(open_hit, as_dicts[0][1], print_only=False)
     if preview is not None:
         from ..pipeline.thumbs import contact_sheet
 
-        contact_sheet([h.as_dict() for h in answered[0][1]], settings.cache_home() / "thumbs", preview)
-        stderr.print(f"contact sheet of {len(answered[0][1])} hits written to {preview}", markup=False)
+        contact_sheet(as_dicts[0][1], settings.cache_home() / "thumbs", preview)
+        stderr.print(f"contact sheet of {len(as_dicts[0][1])} hits written to {preview}", markup=False)
     if refused:
         raise PrvrError(f"{refused} stdin line(s) were not answered (see above)", ExitCode.USAGE)
 

@@ -46,6 +46,14 @@ def write_meta(root: Path, meta: dict, exclusive: bool = False) -> bool:
         tmp.unlink(missing_ok=True)
 
 
+def read_text_config(root: Path, name: str) -> dict | None:
+    """`text/NAME.json` of an index (the exported query side), or None when it is absent or unreadable."""
+    try:
+        return json.loads((root / TEXT_FOLDER / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def describe_builder(spec: dict | None) -> str:
     if not spec:
         return "nothing"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..index.meta import TEXT_FOLDER
+from ..index.meta import TEXT_FOLDER, read_text_config
 
 
 def _write_atomically(folder: Path, name: str, config: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -86,7 +86,7 @@ def export_text_tower(encoder, index_root: Path) -> bool:
     from open_clip.tokenizer import default_bpe
 
     folder = Path(index_root) / TEXT_FOLDER
-    found = read_config(folder, "clip_text")
+    found = read_text_config(Path(index_root), "clip_text")
     if found and found.get("encoder") == encoder.spec()["fingerprint"]:
         return True
     exported = text_tower_export(encoder)
@@ -128,9 +128,3 @@ def export_query_branch(builder, index_root: Path) -> None:
               "builder": builder.spec()["fingerprint"]}
     _write_atomically(folder, "query_branch", config, tensors)
 
-
-def read_config(folder: Path, name: str) -> dict | None:
-    try:
-        return json.loads((folder / f"{name}.json").read_text())
-    except (OSError, ValueError):
-        return None

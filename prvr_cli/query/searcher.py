@@ -15,17 +15,10 @@ import numpy as np
 
 from ..errors import random_weights_warning
 from ..index.matrices import PrototypeFile, ResidentPrototypes, published
-from ..index.meta import META_FILE, TEXT_FOLDER, read_meta
+from ..index.meta import META_FILE, TEXT_FOLDER, read_meta, read_text_config
 from ..index.search import HitFilter, SearchResults, attach_highlights, rank
 from .tokenizer import Tokenizer
 from .towers import QueryBranch, TextTower
-
-
-def _read(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 class Searcher:
@@ -39,6 +32,7 @@ class Searcher:
         self.branch = QueryBranch(text) if trained else None
         self.weights = tuple(meta["builder"]["branch_weights"])
         self.paths = json.loads((cache / "videos.json").read_text())["paths"]
+        self.path_set = frozenset(self.paths)
         self.copy_of = np.load(cache / "copy_of.npy")
         self.cache = cache
         self.clip, self.frame = PrototypeFile(cache / "proto_clip.npy"), PrototypeFile(cache / "proto_frame.npy")
@@ -59,11 +53,11 @@ class Searcher:
         try:
             text = root / TEXT_FOLDER
             encoder, builder = meta["encoder"], meta["builder"]
-            clip_text = _read(text / "clip_text.json") or {}
+            clip_text = read_text_config(root, "clip_text") or {}
             if clip_text.get("encoder") != encoder["fingerprint"]:
                 return None
             trained = builder.get("kind") == "trained"
-            if trained and (_read(text / "query_branch.json") or {}).get("builder") != builder["fingerprint"]:
+            if trained and (read_text_config(root, "query_branch") or {}).get("builder") != builder["fingerprint"]:
                 return None
             cache = published(root, user_cache)
             if cache is None:

@@ -63,7 +63,7 @@ class ServedIndex:
     def indexed_file(self, path: str) -> Path | None:
         """`path` if it is a video of the index and still that file (its real path), else None."""
         searcher = self.searcher()
-        paths = set(searcher.paths) if searcher is not None else {v["path"] for v in self.library.videos()}
+        paths = searcher.path_set if searcher is not None else {v["path"] for v in self.library.videos()}
         if path not in paths or os.path.realpath(path) != path or not os.path.isfile(path):
             return None
         return Path(path)

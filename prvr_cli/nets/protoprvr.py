@@ -98,11 +98,15 @@ class ProtoPRVRConfig(BranchModelConfig):
     clip_tokens: str = "uniform"    # or "merged": MSC's order-preserving merging of 128 frames, +log(size) attention
     tcpl_angle_anchors: int = 128
     prototype_attention: str = "keys"   # softmax over the keys, or "competitive": over the prototypes (slot attention)
+    prototype_readout: str = "block"    # the last round's block output, or "attention": its attention read-out alone
 
     def __post_init__(self):
         if self.prototype_attention not in ("keys", "competitive"):
             raise UsageError(f"model.prototype_attention {self.prototype_attention!r} is not supported; "
                              "use 'keys' or 'competitive'")
+        if self.prototype_readout not in ("block", "attention"):
+            raise UsageError(f"model.prototype_readout {self.prototype_readout!r} is not supported; "
+                             "use 'block' or 'attention'")
         if self.clip_tokens not in ("uniform", "merged"):
             raise UsageError(f"model.clip_tokens {self.clip_tokens!r} is not supported; use 'uniform' or 'merged'")
         if self.clip_tokens == "merged" and self.max_frames < self.n_clips:
@@ -126,8 +130,13 @@ class CrossAttentionBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, queries, keys, key_mask=None, spans: bool = False, competitive: bool = False):
+    def forward(self, queries, keys, key_mask=None, spans: bool = False, competitive: bool = False,
+                readout: bool = False):
         """Attend from `queries` [B, Nq, D] to `keys` [B, Nk, D].
+
+        With `readout=True` the first output is the attention read-out alone (the output projection of
+        the weighted values), before the residual, the LayerNorm and the FFN: a linear map of a convex
+        combination of the keys, with nothing of the queries' own vectors added.
 
         With `competitive=True` the softmax runs over the queries instead of the keys (as in slot
         attention): the queries compete for each key, and each query then takes the weighted mean of
@@ -157,6 +166,8 @@ class CrossAttentionBlock(nn.Module):
         else:
             weights = scores.softmax(-1)                                              # [B, heads, Nq, Nk]
         out = self.attn.out_proj((weights @ split(v)).transpose(1, 2).reshape(n_batch, n_queries, dim))
+        if readout:
+            return out, weights.mean(1)
         x = self.norm1(queries + self.drop(out))
         x = self.norm2(x + self.drop(self.ffn(x)))
         return x, weights.mean(1)
@@ -171,7 +182,7 @@ class PrototypeGenerator(nn.Module):
     """
 
     def __init__(self, n_prototypes: int, dim: int, heads: int, ff_dim: int, iterations: int, dropout: float,
-                 competitive: bool = False):
+                 competitive: bool = False, readout: bool = False):
         super().__init__()
         if iterations < 1 or n_prototypes < 1:
             raise UsageError(f"protoprvr needs n_prototypes >= 1 and iterations >= 1, "
@@ -180,13 +191,15 @@ class PrototypeGenerator(nn.Module):
         self.block = CrossAttentionBlock(dim, heads, ff_dim, dropout)
         self.iterations = iterations
         self.competitive = competitive
+        self.readout = readout     # the last round returns its attention read-out (see CrossAttentionBlock)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None,
                 spans: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """With `spans=True` the tokens are clip tokens and the prototypes attend over all their spans."""
         x = self.init.to(tokens.dtype).unsqueeze(0).expand(tokens.shape[0], -1, -1)
-        for _ in range(self.iterations):
-            x, attn = self.block(x, tokens, mask, spans, self.competitive)
+        for round_ in range(self.iterations):
+            last = round_ == self.iterations - 1
+            x, attn = self.block(x, tokens, mask, spans, self.competitive, self.readout and last)
         return x, attn
 
 
@@ -228,7 +241,7 @@ class ProtoPRVR(RetrievalModel):
 
         def prototypes():
             return PrototypeGenerator(n_prototypes, hidden, heads, ff_dim, iterations, dropout,
-                                      cfg.prototype_attention == "competitive")
+                                      cfg.prototype_attention == "competitive", cfg.prototype_readout == "attention")
 
         # video branches
         self.frame_proj = InputProjection(video_dim, hidden, dropout)

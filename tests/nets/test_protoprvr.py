@@ -503,3 +503,32 @@ def test_competitive_prototypes_train_and_unknown_attention_is_a_usage_error():
     assert torch.isfinite(loss) and model.frame_prototypes.competitive
     with pytest.raises(UsageError, match="prototype_attention"):
         tiny_model(prototype_attention="sparse")
+
+
+def test_attention_readout_prototypes_are_the_last_rounds_attention_output_alone():
+    """With prototype_readout 'attention' the last round returns out_proj(softmax(QK^T) V): no residual, LayerNorm or
+    FFN, so nothing of the shared initial vectors is added to a video's prototypes."""
+    from prvr_cli.nets.protoprvr import PrototypeGenerator
+
+    torch.manual_seed(3)
+    tokens = torch.randn(2, 9, 16, dtype=torch.float64)
+    for rounds in (1, 3):
+        plain = PrototypeGenerator(5, 16, 4, 32, rounds, 0.0).eval().double()
+        readout = PrototypeGenerator(5, 16, 4, 32, rounds, 0.0, readout=True).eval().double()
+        readout.load_state_dict(plain.state_dict())
+        x = plain.init[None].expand(2, -1, -1)
+        for _ in range(rounds - 1):
+            x, _ = plain.block(x, tokens)
+        want, _ = plain.block.attn(x, tokens, tokens)
+        got, attn = readout(tokens, None)
+        assert torch.allclose(got, want, atol=1e-10) and torch.allclose(attn.sum(-1), torch.ones(2, 5, dtype=torch.float64))
+        assert not torch.allclose(got, plain(tokens, None)[0])
+
+
+def test_attention_readout_trains_and_unknown_readout_is_a_usage_error():
+    model = tiny_model(prototype_readout="attention")
+    loss, _ = model(tiny_batch())
+    loss.backward()
+    assert torch.isfinite(loss) and model.clip_prototypes.readout and model.frame_prototypes.readout
+    with pytest.raises(UsageError, match="prototype_readout"):
+        tiny_model(prototype_readout="mean")

@@ -43,10 +43,13 @@ def test_open_plays_the_hit_from_its_highlight_with_the_name_intact(cli, tmp_pat
     assert code == 0 and shlex.split(out) == [str(fake), f"--start={start:.2f}", "--", hit["path"]]  # pastes safely
     code, _, err = cli("open", "1", index=False)
     assert code == 0 and "playing" in err
-    for _ in range(100):
-        if record.exists():
+    played = None
+    for _ in range(200):     # the player runs on its own: wait until it has written the whole record
+        try:
+            played = json.loads(record.read_text())
             break
-        time.sleep(0.1)
-    assert json.loads(record.read_text()) == [f"--start={start:.2f}", "--", hit["path"]]
+        except (OSError, ValueError):
+            time.sleep(0.1)
+    assert played == [f"--start={start:.2f}", "--", hit["path"]]
     code, _, err = cli("open", "5", index=False)
     assert code == 2 and "choose 1 to 1" in err

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import IndexMissingError, MismatchError, UsageError
+from .index import ann
 from .index.search import HitFilter, SearchResults, attach_highlights, rank, rerank
 from .index.meta import META_FILE, describe_builder, read_text_config
 from .index.store import Index
@@ -125,7 +126,7 @@ class Library:
     def search(self, queries: list[str], k: int = 10, *, keep_duplicates: bool = False,
                clip_model: str | None = None, clip_pretrained: str | None = None,
                model: str | None = None, rerank_depth: int = 0, torch_free: bool = True,
-               hit_filter: HitFilter = HitFilter()) -> SearchResults:
+               hit_filter: HitFilter = HitFilter(), candidates: str = "auto") -> SearchResults:
         """The k best videos for each query, with highlights; identical copies are one hit unless kept apart.
 
         With `rerank_depth` K, the first stage's top K are reordered by the model's text-proxy head.
@@ -133,11 +134,13 @@ class Library:
         exported query side and current search cache are there (`prvr_cli.query`); otherwise, or with
         `torch_free=False`, the encoder and model are loaded, and the query side is exported for next time.
         `hit_filter` keeps only hits under a path glob (before the top k is taken) and above a score.
+        `candidates`: auto, ann or exact: whether the videos scored are approximate candidates (`index.ann`).
         """
+        ann.check_mode(candidates)
         if torch_free and not (clip_model or clip_pretrained or model or rerank_depth):
             searcher = Searcher.open(self.root, self.cache / "indexes")
             if searcher is not None:
-                return searcher.search(queries, k, keep_duplicates, hit_filter)
+                return searcher.search(queries, k, keep_duplicates, hit_filter, candidates)
         idx = self.filled_index()
         source = self._encoder_source(idx, clip_model, clip_pretrained, default_weights=False)
         for value, flag in zip(source, ("--clip-model", "--clip-pretrained")):
@@ -155,7 +158,8 @@ class Library:
         if rerank_depth:
             scorer = builder.proxy_scorer()      # refuses a model without a proxy head before any scoring
         ranked = rank(m.paths, m.clip, m.frame, q_clip, q_frame, weights, max(k, rerank_depth),
-                      copy_of=None if keep_duplicates else m.copy_of, allowed=hit_filter.allowed(m.paths))
+                      copy_of=None if keep_duplicates else m.copy_of, allowed=hit_filter.allowed(m.paths),
+                      ann=ann.for_search(candidates, m.folder, m.clip, m.frame), ann_settings=ann.AnnSettings())
         if rerank_depth:
             for qi, hits in enumerate(ranked):
                 videos = np.array([h.video for h in hits[:rerank_depth]], dtype=np.int64)
@@ -214,6 +218,19 @@ class Library:
         with idx.lock():
             idx.optimize(grace=0)
         return before, disk_usage(idx.root)
+
+    def optimize(self) -> dict:
+        """Compact the tables (as `compact`), then retrain the approximate candidates of a library that has them or
+        is large enough to (`index.ann`) on its current prototypes. Returns what was done."""
+        before, after = self.compact()
+        idx = self.index()
+        with idx.lock():
+            m = idx.search_matrices()
+            has = m.folder is not None and (m.folder / ann.MARKER).is_file()
+            if m.folder is None or not (has or len(m.paths) >= ann.ANN_MIN_VIDEOS):
+                return {"bytes_before": before, "bytes_after": after, "videos": len(m.paths), "candidates": None}
+            info = ann.rebuild(m.folder, m.clip, m.frame)
+        return {"bytes_before": before, "bytes_after": after, "videos": len(m.paths), "candidates": info}
 
     # ----- identity ------------------------------------------------------------------------
 

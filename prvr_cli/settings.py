@@ -49,6 +49,7 @@ DEFAULTS = {
     "batch_size": lambda: 64,
     "top_k": lambda: 10,
     "decoder": lambda: "auto",
+    "candidates": lambda: "auto",
 }
 # Settings a config file may hold: those above, and the trained model (no default: zero-shot prototypes).
 KNOWN = sorted([*DEFAULTS, "model"])

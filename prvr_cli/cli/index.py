@@ -9,6 +9,7 @@ import typer
 
 from .. import settings
 from ..errors import UsageError
+from ..index import ann
 from ..index.meta import describe_builder
 from ..library import disk_usage
 from .options import IndexOpt, JsonOpt, open_library
@@ -56,6 +57,21 @@ def compact(index: Optional[Path] = IndexOpt, as_json: bool = JsonOpt):
         write_line(json.dumps({"index": str(library.root), "bytes_before": before, "bytes_after": after}))
     else:
         write_line(f"compacted {library.root}: {fmt_bytes(before)} -> {fmt_bytes(after)}")
+
+
+def optimize(index: Optional[Path] = IndexOpt, as_json: bool = JsonOpt):
+    """Compact the index (as `prvr compact`) and retrain its approximate search candidates on the current
+    prototypes (large libraries: ingest keeps them current, and this fits them to the library again)."""
+    library = open_library(index)
+    done = library.optimize()
+    if as_json:
+        write_line(json.dumps({"index": str(library.root), **done}))
+        return
+    write_line(f"compacted {library.root}: {fmt_bytes(done['bytes_before'])} -> {fmt_bytes(done['bytes_after'])}")
+    c = done["candidates"]
+    write_line(f"candidates: {done['videos']} videos, below {ann.ANN_MIN_VIDEOS}: every video is scored exactly"
+               if c is None else f"candidates retrained: {c['centroids']['clip']} centroids per branch over "
+               f"{c['videos']} videos in {c['seconds']} s")
 
 
 def forget(

@@ -11,6 +11,7 @@ from .. import settings
 from ..errors import ExitCode, PrvrError, UsageError
 from .options import (ClipModelOpt, ClipPretrainedOpt, DeviceOpt, IndexOpt, ModelOpt, encoder_choice,
                       open_library)
+from ..index.ann import check_mode
 from ..index.search import Hit, HitFilter, SearchResults
 from ..serve.client import served_search, socket_path
 from .output import print_search, stderr, write_line
@@ -39,6 +40,10 @@ def search(
     path_glob: Optional[str] = typer.Option(None, "--path-glob", metavar="GLOB", help="Only videos whose path "
                                             "matches, e.g. '*/holiday/*' (* also crosses folders)."),
     min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop hits scoring below this."),
+    candidates: Optional[str] = typer.Option(None, "--candidates", help="auto, ann or exact: score only approximate "
+                                             "candidates (exactly) or every video; auto uses candidates where the "
+                                             "library is large enough to have them [env PRVR_CANDIDATES; default "
+                                             "auto]."),
     export: Optional[Path] = typer.Option(None, "--export", metavar="DIR", help="Cut each hit's best highlight "
                                           "into DIR as RANK_STEM_START-END.mp4 and print those paths instead."),
     pad: float = typer.Option(0.0, "--pad", help="With --export: seconds added before and after the highlight."),
@@ -58,6 +63,7 @@ def search(
         raise UsageError(f"--rerank {rerank}: re-rank between 1 and 10000 candidates (0 turns it off)")
     queries, refused = _read_queries(query)
     hit_filter = HitFilter(path_glob or None, min_score)
+    candidates = check_mode(settings.resolve("candidates", candidates))
     library = open_library(index, device)
     choice = encoder_choice(clip_model, clip_pretrained, model)
     served = None if rerank or any(choice.values()) else socket_path(settings.runtime_dir(), library.root)
@@ -68,11 +74,11 @@ def search(
             raise UsageError("--export cuts the hits of one query; give the query on the command line")
         if pad < 0:
             raise UsageError(f"--pad {pad}: give seconds >= 0")
-        batch = next(_answers(library, served, queries, k, keep_duplicates, rerank, choice, hit_filter))
+        batch = next(_answers(library, served, queries, k, keep_duplicates, rerank, choice, hit_filter, candidates))
         export_clips(batch.hits[0], export, pad, copy)
         return
     answered = []
-    for batch in _answers(library, served, queries, k, keep_duplicates, rerank, choice, hit_filter):
+    for batch in _answers(library, served, queries, k, keep_duplicates, rerank, choice, hit_filter, candidates):
         for q, cut in batch.cut_tokens.items():
             stderr.print(cut_warning(q, cut), markup=False, soft_wrap=True)
         answered += zip(batch.queries, batch.hits)
@@ -110,13 +116,13 @@ def export_clips(hits, folder: Path, pad: float, copy: bool) -> None:
 
 
 def _answers(library, served, queries: list[str], k: int, keep_duplicates: bool, rerank: int, choice: dict,
-             hit_filter: HitFilter):
+             hit_filter: HitFilter, candidates: str):
     """Results as they come: from a running `prvr serve` one query at a time, the rest (all, with no server)
     in process."""
     done = 0
     if served is not None:
         for q in queries:
-            answer = served_search(served, q, k, keep_duplicates, hit_filter)
+            answer = served_search(served, q, k, keep_duplicates, hit_filter, candidates)
             if answer is None:
                 break   # no server, or it stopped: the rest in process
             cut = {answer["query"]: answer["cut_tokens"]} if answer.get("cut_tokens") else {}
@@ -124,7 +130,7 @@ def _answers(library, served, queries: list[str], k: int, keep_duplicates: bool,
             done += 1
     if done < len(queries):
         yield library.search(queries[done:], k, keep_duplicates=keep_duplicates, rerank_depth=rerank,
-                             hit_filter=hit_filter, **choice)
+                             hit_filter=hit_filter, candidates=candidates, **choice)
 
 
 def _format(as_json: bool, as_jsonl: bool, paths_only: bool, nul: bool) -> str:
@@ -186,7 +192,7 @@ def export(
     search(query=query, index=index, top_k=top_k, as_json=False, as_jsonl=False, paths_only=False, nul=False,
            clip_model=None, clip_pretrained=None, model=None, device=device, keep_duplicates=False, rerank=0,
            path_glob=path_glob, min_score=min_score, export=output, pad=pad, copy=copy, preview=None,
-           open_hit=None)
+           open_hit=None, candidates=None)
 
 
 def play_hit(n: int, hits: list[dict], print_only: bool) -> None:

@@ -58,12 +58,14 @@ def served_main(argv: list[str]) -> int | None:
         if any(settings.given(name) for name in ("clip_model", "clip_pretrained", "model")):
             return None
         k = int(opts["k"]) if "k" in opts else settings.resolve("top_k", None, int)
+        candidates = settings.resolve("candidates")
         root = Path(settings.resolve("index", opts.get("index"))).expanduser().resolve()
     except (UsageError, ValueError, OSError):
         return None
     if not 1 <= k <= 10000:
         return None
-    answer = served_search(socket_path(settings.runtime_dir(), root), opts["query"].strip(), k, bool(opts.get("keep")))
+    answer = served_search(socket_path(settings.runtime_dir(), root), opts["query"].strip(), k, bool(opts.get("keep")),
+                           candidates=candidates)
     if answer is None:
         return None
     from .plain import StdoutClosed, cut_warning, print_hits, remember

@@ -13,6 +13,7 @@ A cache folder holds, for one version of the videos table:
     copy_of.npy                       per video, the first video with the same content
     rows.arrow                        per video (same order): path, duration, fps, timestamps and the prototypes'
                                       frame attention, for highlights (an Arrow IPC file, memory-mapped)
+    ann_*.npy, ann.json               from ann.ANN_MIN_VIDEOS videos up: approximate candidates (see ann.py)
     videos.json                       the paths; written last, it marks the folder complete
 
 and `current.json` beside the folders names the version last cached, so a search that does not open
@@ -30,6 +31,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import ann
 from ..errors import CorruptError, DiskError
 
 CACHE_KIND = "bf16-5"  # the layout: bfloat16 prototypes, paths in videos.json, copy_of.npy, rows.arrow
@@ -45,6 +47,7 @@ class SearchMatrices(NamedTuple):
     copy_of: np.ndarray
     clip: "np.ndarray | PrototypeFile"
     frame: "np.ndarray | PrototypeFile"
+    folder: Path | None = None        # the cache folder (None: matrices in memory)
 
 
 def to_bfloat16(x: np.ndarray) -> np.ndarray:
@@ -159,7 +162,7 @@ def load_matrices(table, proto_dim: int, folders: list[Path]) -> SearchMatrices:
         videos = json.loads((cache / "videos.json").read_text())
         _point_at(folder, table.version)
         return SearchMatrices(videos["paths"], np.load(cache / "copy_of.npy"), PrototypeFile(cache / "proto_clip.npy"),
-                              PrototypeFile(cache / "proto_frame.npy"))
+                              PrototypeFile(cache / "proto_frame.npy"), cache)
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
         shutil.rmtree(cache, ignore_errors=True)  # damaged cache: rebuild from the table
         # a damaged cache that cannot be removed (a read-only index): use the other folders
@@ -242,6 +245,9 @@ def _build_cache(table, dim: int, cache: Path) -> None:
         for m in matrices:
             m.flush()
         del matrices
+        if n >= ann.ANN_MIN_VIDEOS:   # a large library: approximate candidates, kept current with each version
+            ann.build(tmp, PrototypeFile(tmp / "proto_clip.npy"), PrototypeFile(tmp / "proto_frame.npy"),
+                      ann.previous_layout(cache))
         np.save(tmp / "copy_of.npy", _copy_of(hashes))
         (tmp / "videos.json").write_text(json.dumps({"paths": paths}))
         try:

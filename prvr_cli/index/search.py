@@ -102,30 +102,29 @@ class HitFilter:
 
 def rank(paths: list[str], clip: np.ndarray, frame: np.ndarray, q_clip: np.ndarray, q_frame: np.ndarray,
          weights: tuple[float, float], k: int, copy_of: np.ndarray | None = None,
-         allowed: np.ndarray | None = None) -> list[list[Hit]]:
+         allowed: np.ndarray | None = None, ann=None, ann_settings=None) -> list[list[Hit]]:
     """Top-k hits for each query (best first).
 
     With `copy_of` (per video, the first video with the same content), identical copies of one file are one
     hit: the first of their paths is scored, and the others are listed as its copies. With `allowed` (per
-    video), only those videos can be hits.
+    video), only those videos can be hits. With `ann` (an `ann.AnnCandidates`), only its candidates are
+    scored (exactly), instead of every video; a query with fewer than k candidates scans them all.
     """
-    s_clip, a_clip = max_prototype_scores(clip, q_clip)
-    s_frame, a_frame = max_prototype_scores(frame, q_frame)
-    total = weights[0] * s_clip + weights[1] * s_frame                                  # [Q, N]
     copies: dict[int, list[str]] = {}
+    excluded = np.zeros(len(paths), dtype=bool)
     if copy_of is not None:
         duplicates = np.flatnonzero(copy_of != np.arange(len(copy_of)))
-        total[:, duplicates] = -np.inf
+        excluded[duplicates] = True
         for v in duplicates.tolist():
             copies.setdefault(int(copy_of[v]), []).append(paths[v])
     if allowed is not None:
-        total[:, ~allowed] = -np.inf
-    # Every video that could be in the top k is rescored one by one, so the reported scores and prototypes do
-    # not depend on how the scan was blocked or on its precision: the streamed, in-memory and resident scans
-    # (approximate by their `score_error`) print the same hits. EXACT_MARGIN keeps exact ties in.
-    error = weights[0] * getattr(clip, "score_error", 0.0) + weights[1] * getattr(frame, "score_error", 0.0)
-    _rescore_candidates(total, (s_clip, a_clip, clip, q_clip), (s_frame, a_frame, frame, q_frame), weights, k,
-                        error + EXACT_MARGIN)
+        excluded |= ~allowed
+    scored = None
+    if ann is not None:
+        scored = _candidate_scores(ann, ann_settings, (clip, q_clip), (frame, q_frame), weights, k, excluded)
+    if scored is None:
+        scored = _scan_scores((clip, q_clip), (frame, q_frame), weights, k, excluded)
+    s_clip, a_clip, s_frame, a_frame, total = scored
     k = min(k, int(np.isfinite(total[0]).sum()) if len(total) else 0)
     results = []
     for qi in range(total.shape[0]):
@@ -140,6 +139,49 @@ def rank(paths: list[str], clip: np.ndarray, frame: np.ndarray, q_clip: np.ndarr
     return results
 
 
+def _scan_scores(clip_side, frame_side, weights, k: int, excluded: np.ndarray):
+    """Every video scored: (clip score, clip argmax, frame score, frame argmax, total) [Q, N]; -inf where excluded."""
+    (clip, q_clip), (frame, q_frame) = clip_side, frame_side
+    s_clip, a_clip = max_prototype_scores(clip, q_clip)
+    s_frame, a_frame = max_prototype_scores(frame, q_frame)
+    total = weights[0] * s_clip + weights[1] * s_frame                                  # [Q, N]
+    total[:, excluded] = -np.inf
+    # Every video that could be in the top k is rescored one by one, so the reported scores and prototypes do
+    # not depend on how the scan was blocked or on its precision: the streamed, in-memory and resident scans
+    # (approximate by their `score_error`) print the same hits. EXACT_MARGIN keeps exact ties in.
+    error = weights[0] * getattr(clip, "score_error", 0.0) + weights[1] * getattr(frame, "score_error", 0.0)
+    _rescore_candidates(total, (s_clip, a_clip, clip, q_clip), (s_frame, a_frame, frame, q_frame), weights, k,
+                        error + EXACT_MARGIN)
+    return s_clip, a_clip, s_frame, a_frame, total
+
+
+def _candidate_scores(ann, settings, clip_side, frame_side, weights, k: int, excluded: np.ndarray):
+    """As `_scan_scores`, but only each query's approximate candidates are scored (exactly) and the rest are -inf;
+    None when a query has fewer than k candidates (a narrow filter), for the caller to scan instead."""
+    (clip, q_clip), (frame, q_frame) = clip_side, frame_side
+    n_queries, n = len(q_clip), len(excluded)
+    s_clip, s_frame = np.full((n_queries, n), -np.inf, np.float32), np.full((n_queries, n), -np.inf, np.float32)
+    a_clip, a_frame = np.zeros((n_queries, n), np.int32), np.zeros((n_queries, n), np.int32)
+    total = np.full((n_queries, n), -np.inf, np.float32)
+    for qi in range(n_queries):
+        videos = ann.candidates(q_clip[qi], q_frame[qi], weights, settings, excluded)
+        if len(videos) < min(k, int((~excluded).sum())):
+            return None
+        s_clip[qi, videos], a_clip[qi, videos] = exact_scores(clip, videos, q_clip[qi])
+        s_frame[qi, videos], a_frame[qi, videos] = exact_scores(frame, videos, q_frame[qi])
+        total[qi, videos] = weights[0] * s_clip[qi, videos] + weights[1] * s_frame[qi, videos]
+    return s_clip, a_clip, s_frame, a_frame, total
+
+
+def exact_scores(protos, videos: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(max score, argmax prototype) of the given videos for one query [D]: float32 products taken video by
+    video, the same whatever else was scored."""
+    widened = np.ascontiguousarray(protos[videos], dtype=np.float32)                # [C, Lp, D]
+    q = np.ascontiguousarray(query, dtype=np.float32)
+    block = np.stack([np.dot(video, q) for video in widened]) if len(widened) else widened[:, :, 0]
+    return block.max(-1), block.argmax(-1)
+
+
 def _rescore_candidates(total, clip_side, frame_side, weights, k: int, error: float) -> None:
     """In place: for each query, scores recomputed video by video (the same float32 products whatever the
     scan was) for the videos within 2 x `error` of its k-th total, and -inf for the others (none of which can
@@ -151,10 +193,7 @@ def _rescore_candidates(total, clip_side, frame_side, weights, k: int, error: fl
         candidates = np.flatnonzero(np.isfinite(total[qi]) & (total[qi] >= floor))   # duplicates (-inf) stay out
         exact = np.zeros(len(candidates), dtype=np.float32)
         for w, (scores, arg, protos, queries) in zip(weights, (clip_side, frame_side)):
-            widened = np.ascontiguousarray(protos[candidates], dtype=np.float32)         # [C, Lp, D]
-            q = np.ascontiguousarray(queries[qi], dtype=np.float32)
-            block = np.stack([np.dot(video, q) for video in widened]) if len(widened) else widened[:, :, 0]
-            scores[qi, candidates], arg[qi, candidates] = block.max(-1), block.argmax(-1)
+            scores[qi, candidates], arg[qi, candidates] = exact_scores(protos, candidates, queries[qi])
             exact += w * scores[qi, candidates]
         total[qi] = -np.inf
         total[qi, candidates] = exact

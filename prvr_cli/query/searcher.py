@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import random_weights_warning
+from ..index import ann
 from ..index.matrices import PrototypeFile, ResidentPrototypes, published
 from ..index.meta import META_FILE, TEXT_FOLDER, read_meta, read_text_config
 from ..index.search import HitFilter, SearchResults, attach_highlights, rank
@@ -38,6 +39,7 @@ class Searcher:
         self.clip, self.frame = PrototypeFile(cache / "proto_clip.npy"), PrototypeFile(cache / "proto_frame.npy")
         if in_memory:   # a server: bfloat16 in memory, scored by torch (which a server can afford to import)
             self.clip, self.frame = ResidentPrototypes(self.clip), ResidentPrototypes(self.frame)
+        self.layouts: dict = {}      # candidate mode -> the approximate candidates it uses (None: scan)
         self.rows = pa.ipc.open_file(pa.memory_map(str(cache / "rows.arrow"))).read_all()
 
     @classmethod
@@ -78,10 +80,15 @@ class Searcher:
         return np.stack([v[0] for v in vectors]), np.stack([v[1] for v in vectors])
 
     def search(self, queries: list[str], k: int, keep_duplicates: bool = False,
-               hit_filter: HitFilter = HitFilter()) -> SearchResults:
+               hit_filter: HitFilter = HitFilter(), candidates: str = "auto") -> SearchResults:
+        """`candidates`: auto (approximate candidates where the cache has them), ann or exact (see index.ann)."""
+        layout = self.layouts.get(candidates)
+        if candidates not in self.layouts:
+            layout = self.layouts[candidates] = ann.for_search(candidates, self.cache, self.clip, self.frame)
         q_clip, q_frame = self.encode(queries)
         ranked = rank(self.paths, self.clip, self.frame, q_clip, q_frame, self.weights, k,
-                      copy_of=None if keep_duplicates else self.copy_of, allowed=hit_filter.allowed(self.paths))
+                      copy_of=None if keep_duplicates else self.copy_of, allowed=hit_filter.allowed(self.paths),
+                      ann=layout, ann_settings=ann.AnnSettings())
         ranked = [hit_filter.keep(hits) for hits in ranked]
         wanted = sorted({h.video for hits in ranked for h in hits})
         rows = {row["path"]: row for row in self.rows.take(wanted).to_pylist()} if wanted else {}

@@ -2,7 +2,7 @@
 
     GET /                      the page (page.html): a query box, hits as cards, a player
     GET /api/search?q=&k=      {"query", "results": [hits as `prvr search --json`], "cut_tokens"}; also
-                               duplicates=1, path_glob=, min_score= as the flags of `prvr search`
+                               duplicates=1, path_glob=, min_score=, candidates= as the flags of `prvr search`
     GET /api/thumb?path=&t=    a JPEG of the frame at t seconds (decoded once, then cached)
     GET /api/video?path=       the video file, with HTTP range requests so the browser can seek
     GET /api/health            the index, its videos and the cache version searched
@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from ..errors import PrvrError
 from ..library import Library
+from ..index.ann import MODES
 from ..index.matrices import published
 from ..index.search import HitFilter
 from ..query.searcher import Searcher
@@ -54,11 +55,13 @@ class ServedIndex:
                 self._searcher = Searcher.open(self.library.root, self.user_cache, in_memory=True)
             return self._searcher
 
-    def search(self, query: str, k: int, keep_duplicates: bool, hit_filter: HitFilter = HitFilter()):
+    def search(self, query: str, k: int, keep_duplicates: bool, hit_filter: HitFilter = HitFilter(),
+               candidates: str = "auto"):
         searcher = self.searcher()
         if searcher is None:
-            return self.library.search([query], k, keep_duplicates=keep_duplicates, hit_filter=hit_filter)
-        return searcher.search([query], k, keep_duplicates, hit_filter)
+            return self.library.search([query], k, keep_duplicates=keep_duplicates, hit_filter=hit_filter,
+                                       candidates=candidates)
+        return searcher.search([query], k, keep_duplicates, hit_filter, candidates)
 
     def indexed_file(self, path: str) -> Path | None:
         """`path` if it is a video of the index and still that file (its real path), else None."""
@@ -109,10 +112,14 @@ def create_app(served: ServedIndex, token: str | None = None, thumbs: Path | Non
             floor = None if floor in (None, "") else float(floor)
         except ValueError:
             return _error(400, f"min_score={floor[:20]!r} is not a number")
-        results = served.search(q.strip(), k, keep, HitFilter(glob, floor))
+        candidates = request.query_params.get("candidates") or "auto"
+        if candidates not in MODES:
+            return _error(400, f"candidates={candidates[:20]!r}: use auto, ann or exact")
+        results = served.search(q.strip(), k, keep, HitFilter(glob, floor), candidates)
         return JSONResponse({"query": results.queries[0], "results": [h.as_dict() for h in results.hits[0]],
                              "cut_tokens": results.cut_tokens.get(results.queries[0], 0),
-                             "path_glob": glob, "min_score": floor})   # what was applied, for the client to check
+                             "path_glob": glob, "min_score": floor,   # what was applied, for the client to check
+                             "candidates": candidates})
 
     def thumb(request: Request):
         from ..pipeline.thumbs import thumbnail

@@ -35,7 +35,8 @@ class UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def served_search(path: Path, query: str, k: int, keep_duplicates: bool, hit_filter=None) -> dict | None:
+def served_search(path: Path, query: str, k: int, keep_duplicates: bool, hit_filter=None,
+                  candidates: str = "auto") -> dict | None:
     """The server's answer ({"query", "results", "cut_tokens"}) or None when no server answers."""
     if not path.exists():
         return None
@@ -44,6 +45,8 @@ def served_search(path: Path, query: str, k: int, keep_duplicates: bool, hit_fil
         params["path_glob"] = hit_filter.path_glob
     if hit_filter is not None and hit_filter.min_score is not None:
         params["min_score"] = repr(hit_filter.min_score)
+    if candidates != "auto":
+        params["candidates"] = candidates
     params = urllib.parse.urlencode(params)
     conn = UnixConnection(path, ANSWER_TIMEOUT)
     try:
@@ -53,7 +56,8 @@ def served_search(path: Path, query: str, k: int, keep_duplicates: bool, hit_fil
             return None
         answer = json.loads(response.read())
         wanted = (hit_filter.path_glob, hit_filter.min_score) if hit_filter is not None else (None, None)
-        if (answer.get("path_glob"), answer.get("min_score")) != wanted:
+        if (answer.get("path_glob"), answer.get("min_score")) != wanted or \
+                answer.get("candidates", "auto") != candidates:
             return None     # a server of another prvr version that ignored a filter: search in process
         return answer
     except (OSError, http.client.HTTPException, ValueError):

@@ -1,0 +1,142 @@
+"""Approximate candidates (index.ann): the layout, its recall against exact search, and its use by search."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from prvr_cli.index import ann
+from prvr_cli.index.search import exact_scores, rank
+from prvr_cli.library import Library
+
+WEIGHTS = (0.7, 0.3)
+
+
+def clustered(n_videos: int, lp: int = 8, dim: int = 32, topics: int = 40, seed: int = 0):
+    """Unit prototypes [N, Lp, D] per branch drawn around a few topics (as a model's are), and queries near topics."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((topics, dim)).astype(np.float32)
+
+    def around(idx, spread):
+        x = centres[idx] + spread * rng.standard_normal((*idx.shape, dim)).astype(np.float32)
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    clip = around(rng.integers(0, topics, (n_videos, lp)), 0.6)
+    frame = around(rng.integers(0, topics, (n_videos, lp)), 0.6)
+    q = around(rng.integers(0, topics, 30), 0.5)
+    return clip, frame, q, around(rng.integers(0, topics, 30), 0.5)
+
+
+def test_centroid_count_grows_as_the_square_root_within_bounds():
+    assert ann.centroid_count(1) == 64
+    assert ann.centroid_count(4096 ** 2) == 4096
+    assert ann.centroid_count(10 ** 12) == 16384
+    assert ann.subspaces(384) == 32 and ann.subspaces(512) == 32 and ann.subspaces(36) == 18
+
+
+def test_kmeans_finds_separated_clusters():
+    rng = np.random.default_rng(0)
+    centres = np.eye(4, 8, dtype=np.float32) * 10
+    points = np.concatenate([c + 0.1 * rng.standard_normal((50, 8)).astype(np.float32) for c in centres])
+    found = ann.kmeans(points, 4, rng)
+    assert np.allclose(np.sort(np.linalg.norm(found, axis=1)), 10, atol=0.2)
+    assert sorted(np.argmin(((found[:, None] - centres[None]) ** 2).sum(-1), axis=1).tolist()) == [0, 1, 2, 3]
+
+
+def test_the_layout_lists_every_prototype_once_with_codes_that_approximate_it(tmp_path):
+    clip, frame, _, _ = clustered(300)
+    info = ann.build(tmp_path, clip, frame)
+    layout = ann.AnnCandidates.open(tmp_path)
+    assert layout is not None and info["videos"] == 300 and json.loads((tmp_path / ann.MARKER).read_text()) == info
+    for branch, protos in (("clip", clip), ("frame", frame)):
+        p = layout.parts[branch]
+        rows = np.asarray(p["rows"])
+        assert sorted(rows.tolist()) == list(range(300 * 8))                        # every prototype, once
+        for c in range(len(p["centroids"])):                                        # each in its centroid's list
+            listed = rows[p["offsets"][c]:p["offsets"][c + 1]]
+            assert (np.asarray(p["codes"]).ravel()[listed] == c).all()
+        # centroid + decoded residual is closer to the prototype than the centroid alone
+        flat = protos.reshape(-1, protos.shape[-1])[rows]
+        centroid = p["centroids"][np.asarray(p["codes"]).ravel()[rows]]
+        width = p["codebooks"].shape[2]
+        decoded = np.concatenate([p["codebooks"][s][np.asarray(p["pq"])[:, s]] for s in range(len(p["codebooks"]))], 1)
+        assert decoded.shape[1] == len(p["codebooks"]) * width == protos.shape[-1]
+        assert np.linalg.norm(flat - centroid - decoded, axis=1).mean() < 0.6 * np.linalg.norm(flat - centroid,
+                                                                                               axis=1).mean()
+
+
+def test_candidates_find_the_exact_top_ten_and_every_score_is_exact(tmp_path):
+    clip, frame, q_clip, q_frame = clustered(3000)
+    ann.build(tmp_path, clip, frame)
+    layout = ann.AnnCandidates.open(tmp_path)
+    paths = [f"/v/{i}.mp4" for i in range(3000)]
+    exact = rank(paths, clip, frame, q_clip, q_frame, WEIGHTS, 10)
+    approx = rank(paths, clip, frame, q_clip, q_frame, WEIGHTS, 10, ann=layout, ann_settings=ann.AnnSettings(8, 200))
+    recall = np.mean([len({h.video for h in a} & {h.video for h in e}) / 10 for a, e in zip(approx, exact)])
+    assert recall >= 0.9
+    for qi, hits in enumerate(approx):                  # reported scores are the exact scores of those videos
+        for h in hits:
+            c = exact_scores(clip, np.array([h.video]), q_clip[qi])
+            f = exact_scores(frame, np.array([h.video]), q_frame[qi])
+            assert h.clip_score == pytest.approx(float(c[0][0]), abs=1e-6) and h.clip_prototype == int(c[1][0])
+            assert h.score == pytest.approx(WEIGHTS[0] * float(c[0][0]) + WEIGHTS[1] * float(f[0][0]), abs=1e-6)
+    # a deeper search can only find more of the exact top ten
+    deeper = rank(paths, clip, frame, q_clip, q_frame, WEIGHTS, 10, ann=layout, ann_settings=ann.AnnSettings(64, 3000))
+    assert [[h.video for h in hits] for hits in deeper] == [[h.video for h in hits] for hits in exact]
+
+
+def test_a_narrow_filter_falls_back_to_scanning_every_video(tmp_path):
+    clip, frame, q_clip, q_frame = clustered(500)
+    ann.build(tmp_path, clip, frame)
+    layout = ann.AnnCandidates.open(tmp_path)
+    paths = [f"/v/{i}.mp4" for i in range(500)]
+    allowed = np.zeros(500, dtype=bool)
+    allowed[[3, 77, 401]] = True
+    got = rank(paths, clip, frame, q_clip[:3], q_frame[:3], WEIGHTS, 5, allowed=allowed, ann=layout,
+               ann_settings=ann.AnnSettings(1, 2))
+    want = rank(paths, clip, frame, q_clip[:3], q_frame[:3], WEIGHTS, 5, allowed=allowed)
+    assert [[h.video for h in hits] for hits in got] == [[h.video for h in hits] for hits in want]
+    assert all(sorted(h.video for h in hits) == [3, 77, 401] for hits in got)
+
+
+def test_modes_exact_auto_and_ann_which_builds_the_layout(tmp_path):
+    clip, frame, _, _ = clustered(200)
+    assert ann.for_search("exact", tmp_path, clip, frame) is None
+    assert ann.for_search("auto", tmp_path, clip, frame) is None           # no layout: auto scans
+    layout = ann.for_search("ann", tmp_path, clip, frame)
+    assert layout is not None and (tmp_path / ann.MARKER).exists()
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+    assert ann.for_search("auto", tmp_path, clip, frame) is not None
+    with pytest.raises(Exception, match="auto, ann or exact"):
+        ann.check_mode("fast")
+
+
+def test_the_search_cache_builds_candidates_for_large_libraries_and_reuses_their_centroids(cli, videos, tmp_path,
+                                                                                         monkeypatch):
+    monkeypatch.setattr(ann, "ANN_MIN_VIDEOS", 3)
+    assert cli.ingest(videos)[0] == 0
+    library = Library.open(cli.index, tmp_path / "cache")
+    assert library.search(["red"], 2, torch_free=False).hits[0]
+    first = [f for f in (cli.index / "cache").glob("videos-v*") if (f / ann.MARKER).exists()]
+    assert len(first) == 1 and json.loads((first[0] / ann.MARKER).read_text())["trained"]
+    centroids = np.load(first[0] / "ann_clip_centroids.npy")
+    library.forget([next(p for p in library.videos())["path"]])         # a new version of the table
+    assert library.search(["red"], 2, torch_free=False).hits[0]
+    second = [f for f in (cli.index / "cache").glob("videos-v*") if (f / ann.MARKER).exists()]
+    assert second and second[0] != first[0]
+    assert not json.loads((second[0] / ann.MARKER).read_text())["trained"]
+    assert np.array_equal(np.load(second[0] / "ann_clip_centroids.npy"), centroids)
+    code, out, _ = cli("optimize", "--json")
+    assert code == 0 and json.loads(out)["candidates"]["trained"]
+
+
+def test_cli_candidates_flag_gives_the_exact_hits_on_a_small_library(cli, videos):
+    assert cli.ingest(videos)[0] == 0
+    code, exact, _ = cli("search", "a red screen", "--json", "--candidates", "exact")
+    assert code == 0
+    code, approx, _ = cli("search", "a red screen", "--json", "--candidates", "ann")
+    assert code == 0 and json.loads(approx) == json.loads(exact)     # depth beyond the library: every video
+    code, out, err = cli("optimize")
+    assert code == 0 and "candidates retrained" in out
+    code, _, err = cli("search", "red", "--candidates", "fast")
+    assert code == 2 and "auto, ann or exact" in err

@@ -107,9 +107,11 @@ def run_searches(folder: Path, mode: str, probe: int, depth: int, k: int = 10) -
     return json.loads(out.stdout)
 
 
-def bench_ann(sizes: list[int], checkpoint: Path, data, folder: Path, n_queries: int = 200,
+def bench_ann(sizes: list[int], checkpoint: Path, benchmark, folder: Path, n_queries: int = 200,
               probes=(16, 32), depths=(256, 512), seed: int = 0, progress=None) -> dict:
-    """Recall@10 against exact search, latency, peak memory and build time of the candidates, per size."""
+    """Recall@10 against exact search, latency, peak memory and build time of the candidates, per size.
+
+    `benchmark()` loads the dataset the checkpoint encodes (only when its encoding is not kept in `folder`)."""
     from ..index import ann
     from ..index.matrices import PrototypeFile
 
@@ -120,7 +122,7 @@ def bench_ann(sizes: list[int], checkpoint: Path, data, folder: Path, n_queries:
         real = dict(np.load(encoded))
     else:
         say(f"encoding the benchmark's videos and test queries with {checkpoint}")
-        real = real_vectors(checkpoint, data)
+        real = real_vectors(checkpoint, benchmark())
         np.savez(encoded, **real)
     pick = np.random.default_rng(seed).choice(len(real["q_clip"]), min(n_queries, len(real["q_clip"])), replace=False)
     cells = []
@@ -150,7 +152,7 @@ def bench_ann(sizes: list[int], checkpoint: Path, data, folder: Path, n_queries:
         cells.append(cell)
     return {"checkpoint": str(checkpoint), "queries": int(len(pick)), "sources_per_video": SOURCES,
             "jitter": JITTER, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "cells": cells}
+            "load_average": load_average(), "cells": cells}
 
 
 def _timing(result: dict) -> dict:

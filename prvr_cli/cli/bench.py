@@ -65,8 +65,17 @@ def search_cmd(
     clip_model: str = typer.Option("ViT-B-32", "--clip-model", help="With --end-to-end: the indexes' encoder."),
     clip_pretrained: str = typer.Option("none", "--clip-pretrained", help="With --end-to-end: its weights "
                                         "(none: random, same speed)."),
-    folder: Optional[Path] = typer.Option(None, "--folder", help="With --end-to-end: where the synthetic indexes "
-                                          "are kept and reused [default: the user cache folder]."),
+    folder: Optional[Path] = typer.Option(None, "--folder", help="With --end-to-end or --ann: where the synthetic "
+                                          "libraries are kept and reused [default: the user cache folder]."),
+    ann: bool = typer.Option(False, "--ann", help="Instead: approximate candidates against exact search (recall@10, "
+                             "p50/p99, peak memory, build time) on libraries of a trained model's prototypes."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="With --ann: the trained ProtoPRVR "
+                                              "checkpoint whose prototypes the libraries are made of."),
+    data: Optional[Path] = typer.Option(None, "--data", help="With --ann: the benchmark the checkpoint encodes."),
+    collection: str = typer.Option("anet", "--collection", help="With --ann: the collection under --data."),
+    feature: str = typer.Option("cg", "--feature", help="With --ann: the video feature name."),
+    probes: str = typer.Option("16,32,64", "--probes", help="With --ann: centroids probed per branch."),
+    depths: str = typer.Option("128,256", "--depths", help="With --ann: candidates scored exactly per query."),
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
 ):
     """Query latency against corpus size for each method's exact scoring (synthetic stored vectors)."""
@@ -74,6 +83,10 @@ def search_cmd(
 
     if plot is not None and plot.suffix.lower() != ".png":
         raise UsageError(f"--plot {plot}: give a .png file name")
+    if ann:
+        _bench_ann(_int_list(sizes, "--sizes"), checkpoint, data, collection, feature, _int_list(probes, "--probes"),
+                   _int_list(depths, "--depths"), folder or settings.cache_home() / "bench-ann", queries, seed, as_json)
+        return
     if end_to_end:
         from ..bench.end_to_end import bench_end_to_end
 
@@ -97,6 +110,34 @@ def search_cmd(
         result["plot"] = str(plot_search(result, plot))
         _say(f"plot written to {plot}")
     write_line(json.dumps(result)) if as_json else _print_search(result)
+
+
+def _bench_ann(sizes, checkpoint, data, collection, feature, probes, depths, folder, queries, seed, as_json) -> None:
+    from ..bench.ann import bench_ann
+    from ..training.feature_layouts import load_features
+
+    if checkpoint is None or not checkpoint.is_file():
+        raise UsageError(f"--ann needs --checkpoint, a trained ProtoPRVR checkpoint (got {checkpoint})")
+
+    def benchmark():
+        if data is None:
+            raise UsageError("--ann needs --data (and --collection) the first time, to encode the benchmark's videos")
+        _say(f"loading {data} ({collection}/{feature})")
+        return load_features(data, collection, feature)
+
+    result = bench_ann(sizes, checkpoint, benchmark, folder, queries, probes, depths, seed, progress=_say)
+    if as_json:
+        write_line(json.dumps(result))
+        return
+    rows = []
+    for c in result["cells"]:
+        rows.append([c["n_videos"], "exact", "-", "-", "1", c["exact"]["p50_ms"], c["exact"]["p99_ms"],
+                     c["exact"]["peak_rss_mib"], "-", c["cache_mib"]])
+        rows += [[c["n_videos"], "candidates", a["probe"], a["depth"], a["recall_at_10"], a["p50_ms"], a["p99_ms"],
+                  a["peak_rss_mib"], c["build_s"], c["ann_mib"]] for a in c["ann"]]
+    _table(["videos", "search", "probe", "depth", "recall@10", "p50 ms", "p99 ms", "peak MiB", "build s",
+            "MiB on disk"], rows)
+    write_line(f"{result['queries']} queries; load average {result['load_average']}")
 
 
 def _print_search(result: dict) -> None:

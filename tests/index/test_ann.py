@@ -140,3 +140,33 @@ def test_cli_candidates_flag_gives_the_exact_hits_on_a_small_library(cli, videos
     assert code == 0 and "candidates retrained" in out
     code, _, err = cli("search", "red", "--candidates", "fast")
     assert code == 2 and "auto, ann or exact" in err
+
+
+def test_bench_search_ann_reports_recall_latency_and_memory(cli, tmp_path):
+    """`prvr bench search --ann` on libraries made of a (random) checkpoint's prototypes of a toy benchmark."""
+    import torch
+
+    from prvr_cli.nets.factory import create_model, save_checkpoint
+    from tests.helpers import TEXT_DIM, VIDEO_DIM, write_h5_dataset
+
+    write_h5_dataset(tmp_path / "data")
+    torch.manual_seed(0)
+    model = create_model({"method": "protoprvr", "model": {"hidden_size": 16, "n_heads": 2, "ff_size": 16,
+                                                           "n_prototypes": 4, "max_frames": 16, "n_clips": 4}},
+                         video_dim=VIDEO_DIM, text_dim=TEXT_DIM)
+    save_checkpoint(tmp_path / "m.pt", model, feature_source={"collection": "toy"})
+    args = ["bench", "search", "--ann", "--sizes", "200,400", "--checkpoint", tmp_path / "m.pt", "--queries", "5",
+            "--probes", "2,64", "--depths", "400", "--folder", tmp_path / "libs"]
+    code, _, err = cli(*args, index=False)
+    assert code == 2 and "--data" in err                      # the benchmark is needed to encode it the first time
+    code, out, err = cli(*args, "--data", tmp_path / "data", "--collection", "toy", "--json", index=False)
+    assert code == 0, err
+    result = json.loads(out)
+    assert [c["n_videos"] for c in result["cells"]] == [200, 400] and result["queries"] == 5
+    for cell in result["cells"]:
+        assert cell["exact"]["p50_ms"] > 0 and cell["exact"]["peak_rss_mib"] > 0 and cell["build_s"] >= 0
+        assert [(a["probe"], a["depth"]) for a in cell["ann"]] == [(2, 400), (64, 400)]
+        assert cell["ann"][1]["recall_at_10"] == 1.0          # every centroid probed and every video scored: exact
+        assert 0 <= cell["ann"][0]["recall_at_10"] <= 1
+    code, out, _ = cli(*args, index=False)                     # the encoding and the libraries are reused
+    assert code == 0 and "candidates" in out and "recall@10" in out

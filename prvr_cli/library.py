@@ -24,12 +24,12 @@ from .pipeline.discover import Discovered, discover
 from .devices import resolve_device
 from .pipeline.encode import FrameTextEncoder, describe, fingerprint
 from .pipeline.ingest import DECODE_TIMEOUT, Summary, make_plan, rebuild_rows, run_ingest
+from .pipeline.on_ray import Recipe, connect
 from .query.searcher import Searcher
 
 log = logging.getLogger("prvr")
 
 DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED = "ViT-B-32", "openai"
-ZERO_SHOT = "zero-shot"
 
 
 @dataclass
@@ -71,11 +71,15 @@ class Library:
     def ingest(self, paths: list[Path], *, glob: str | None = None, fps: float = 3.0, workers: int = 2,
                batch_size: int = 64, prune: bool = False, decode_timeout: float | None = None, decoder: str = "auto",
                clip_model: str | None = None, clip_pretrained: str | None = None, model: str | None = None,
-               wait=None, progress=None) -> IngestReport:
-        """Index the videos under `paths`; `wait(root, pid)` waits for another writer instead of failing."""
+               ray: str | None = None, wait=None, progress=None) -> IngestReport:
+        """Index the videos under `paths`; `wait(root, pid)` waits for another writer instead of failing.
+
+        With `ray` (a Ray address, or `local`), files are decoded and encoded on Ray actors (`pipeline.on_ray`)."""
         found = discover(paths, glob)
         if not found.files and not prune:
             return IngestReport(found)  # nothing to do: no index is made, no encoder loaded
+        if ray:
+            connect(ray, workers)      # before anything is written: a cluster that is not there is a usage error
         device, encoder, builder = resolve_device(self.device), None, None
         if not (self.root / META_FILE).is_file():  # a new index: made only once its encoder and model have loaded
             encoder = FrameTextEncoder.load(clip_model or DEFAULT_CLIP_MODEL, clip_pretrained or
@@ -99,9 +103,11 @@ class Library:
             idx.keep_model_copy(builder.spec())
             if progress is not None:
                 progress.begin(len(plan.encode))
+            recipe = Recipe(*encoder_source, model if builder.spec().get("kind") == "trained" else None, self.device,
+                            str(self.cache / "clip")) if ray else None
             summary = run_ingest(idx, plan, encoder, builder, fps=fps, workers=workers, batch_size=batch_size,
                                  progress=progress, decode_timeout=DECODE_TIMEOUT if decode_timeout is None
-                                 else decode_timeout, decoder=decoder)
+                                 else decode_timeout, decoder=decoder, ray_address=ray, recipe=recipe)
             if summary.new or summary.changed or summary.moved or summary.pruned:
                 idx.optimize()
             self._export_query_side(idx, encoder, builder)   # after the videos: they come first on a full disk
@@ -282,15 +288,9 @@ class Library:
     @staticmethod
     def _builder(model: str | None, encoder_spec: dict, device: str):
         """The prototype builder: a trained ProtoPRVR checkpoint, or zero-shot CLIP prototypes."""
-        from .pipeline.prototypes import TrainedPrototypes, ZeroShotPrototypes
+        from .pipeline.prototypes import load_builder
 
-        if not model or model == ZERO_SHOT:
-            return ZeroShotPrototypes()
-        builder = TrainedPrototypes.load(model, encoder_spec, device=device)
-        if builder.meta["method"] != "protoprvr":
-            raise UsageError(f"--model {model}: an index stores prototypes, so it needs a ProtoPRVR checkpoint, "
-                             f"not {builder.meta['method']}")
-        return builder
+        return load_builder(model, encoder_spec, device)
 
 
 def disk_usage(root: Path) -> int:

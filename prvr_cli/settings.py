@@ -52,7 +52,7 @@ DEFAULTS = {
     "candidates": lambda: "auto",
 }
 # Settings a config file may hold: those above, and the trained model (no default: zero-shot prototypes).
-KNOWN = sorted([*DEFAULTS, "model"])
+KNOWN = sorted([*DEFAULTS, "model", "ray"])
 
 
 @lru_cache(maxsize=None)

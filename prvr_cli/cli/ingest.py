@@ -32,6 +32,10 @@ def ingest(
                                                    "seconds plus 4 s per second of video; 0: no limit [default 60]."),
     decoder: Optional[str] = typer.Option(None, "--decoder", help="auto, decord or pyav [env PRVR_DECODER; default "
                                           "auto: decord when installed, else PyAV]."),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help="Decode and encode on Ray actors (one per "
+                                      "--workers; GPU actors where the cluster has GPUs): local (a Ray instance on "
+                                      "this machine), auto (the cluster `ray start` joined here) or a cluster "
+                                      "address [env PRVR_RAY; needs pip install 'prvr[ray]']."),
     wait: bool = typer.Option(False, "--wait", help="If another prvr process is writing the index, wait for it "
                               "instead of exiting with code 6."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout."),
@@ -40,6 +44,7 @@ def ingest(
     """Index videos: decode, encode frames with CLIP, build prototypes, store them."""
     speed = _ingest_speed(fps, workers, batch_size, decode_timeout)
     speed["decoder"] = resolve_decoder(settings.resolve("decoder", decoder))
+    speed["ray"] = settings.given("ray", ray) or None
     library = open_library(index, device)
     with IngestProgress(enabled=not quiet and stderr.is_terminal) as progress, native_stderr_silenced():
         report = library.ingest(paths, glob=glob, prune=prune, **speed, **encoder_choice(clip_model, clip_pretrained,

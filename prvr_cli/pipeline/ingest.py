@@ -206,12 +206,14 @@ class _Job:
 
 
 def run_ingest(index: Index, plan: Plan, encoder, builder, *, fps: float, workers: int, batch_size: int,
-               progress=None, decode_timeout: float | None = DECODE_TIMEOUT, decoder: str = "auto") -> Summary:
+               progress=None, decode_timeout: float | None = DECODE_TIMEOUT, decoder: str = "auto",
+               ray_address: str | None = None, recipe=None) -> Summary:
     """Carry out `plan` on `index` (which the caller has locked and bound to encoder and builder).
 
     `decode_timeout` (None or 0: no limit) gives each file that many seconds plus
     DECODE_SECONDS_PER_SECOND per second of video; a decoder past it is abandoned
-    and the file reported as failed.
+    and the file reported as failed. With `ray_address`, the files are decoded and encoded on Ray
+    actors (`on_ray`), each loading the encoder and builder from `recipe` (`on_ray.Recipe`).
     """
     summary = Summary(unchanged=plan.unchanged)
     started = time.monotonic()
@@ -224,11 +226,46 @@ def run_ingest(index: Index, plan: Plan, encoder, builder, *, fps: float, worker
     if plan.prune:
         index.remove(plan.prune)
         summary.pruned = len(plan.prune)
-    if plan.encode:
+    if plan.encode and ray_address:
+        _encode_ray(index, plan, recipe, summary, address=ray_address, fps=fps, workers=workers,
+                    batch_size=batch_size, progress=progress, decoder=decoder)
+    elif plan.encode:
         _encode_all(index, plan, encoder, builder, summary, fps=fps, workers=workers, batch_size=batch_size,
                     progress=progress, decode_timeout=decode_timeout, decoder=decoder)
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def _report_failure(summary: Summary, progress, path: Path, message: str) -> None:
+    summary.failed += 1
+    summary.errors.append({"path": str(path), "error": message})
+    if progress:
+        progress.error(message)
+
+
+def _encode_ray(index, plan, recipe, summary, *, address, fps, workers, batch_size, progress, decoder):
+    """As `_encode_all`, with the decoding, encoding and prototypes on Ray actors and the commits here."""
+    from .on_ray import encode_on_ray
+
+    jobs = []
+    for state, reason in plan.encode:
+        if state.content_hash is None:  # could not even be read for hashing
+            _report_failure(summary, progress, state.path, f"{state.path}: cannot read ({state.error or 'unreadable'})")
+        else:
+            jobs.append(_Job(state, reason))
+
+    def commit(i: int, result: dict) -> None:
+        job = jobs[i]
+        commit_video(index, job.state, job.reason, result["info"], result["features"], result["timestamps"],
+                     result["protos"], fps, summary)
+        if progress:
+            progress.frames_done(len(result["features"]))
+            progress.video_done()
+
+    if jobs:
+        encode_on_ray(jobs, recipe, commit, lambda i, message: _report_failure(summary, progress, jobs[i].state.path,
+                                                                                message),
+                      address=address, workers=workers, fps=fps, batch_size=max(8, batch_size // 2), decoder=decoder)
 
 
 def _encode_all(index, plan, encoder, builder, summary, *, fps, workers, batch_size, progress, decode_timeout,
@@ -244,10 +281,7 @@ def _encode_all(index, plan, encoder, builder, summary, *, fps, workers, batch_s
 
     def fail(i: int, message: str) -> None:
         nonlocal remaining, pending
-        summary.failed += 1
-        summary.errors.append({"path": str(jobs[i].state.path), "error": message})
-        if progress:
-            progress.error(message)
+        _report_failure(summary, progress, jobs[i].state.path, message)
         jobs[i].features.clear()
         jobs[i].done = True
         remaining -= 1
@@ -337,17 +371,21 @@ def _encode_pending(encoder, jobs, pending, progress) -> None:
 
 def _commit(index: Index, job: _Job, builder, fps: float, summary: Summary) -> None:
     feats = np.concatenate(job.features)
-    stamps = np.concatenate(job.timestamps)
-    protos = builder.build(feats.astype(np.float32))
-    info = job.info
+    commit_video(index, job.state, job.reason, job.info, feats, np.concatenate(job.timestamps),
+                 builder.build(feats.astype(np.float32)), fps, summary)
+
+
+def commit_video(index: Index, state: FileState, reason: str, info: VideoInfo, feats: np.ndarray,
+                 stamps: np.ndarray, protos, fps: float, summary: Summary) -> None:
+    """Write one encoded video (its frame features and prototypes) in one commit, and count it."""
     record = VideoRecord(
-        path=str(job.state.path), size=job.state.size, mtime=job.state.mtime, content_hash=job.state.content_hash,
+        path=str(state.path), size=state.size, mtime=state.mtime, content_hash=state.content_hash,
         duration=info.duration, fps=fps, native_fps=info.native_fps, width=info.width, height=info.height,
         timestamps=stamps, proto_clip=protos.clip, proto_frame=protos.frame, attn_clip=protos.clip_attn,
         attn_frame=protos.frame_attn)
     index.add_video(record, feats)
     summary.frames += len(feats)
-    if job.reason == "new":
+    if reason == "new":
         summary.new += 1
     else:
         summary.changed += 1

@@ -204,3 +204,17 @@ class ProxyScorer:
             t = torch.from_numpy(np.asarray(q, dtype=np.float32)).to(self.device).expand(len(v), -1)
             branches.append((t, v, torch.ones(v.shape[:2], dtype=torch.bool, device=self.device)))
         return weighted_pair_scores(self.head, self.weights, branches).float().cpu().numpy()
+
+
+ZERO_SHOT = "zero-shot"
+
+
+def load_builder(model: str | None, encoder_spec: dict, device: str):
+    """The prototype builder: a trained ProtoPRVR checkpoint, or zero-shot CLIP prototypes (no model or 'zero-shot')."""
+    if not model or model == ZERO_SHOT:
+        return ZeroShotPrototypes()
+    builder = TrainedPrototypes.load(model, encoder_spec, device=device)
+    if builder.meta["method"] != "protoprvr":
+        raise UsageError(f"--model {model}: an index stores prototypes, so it needs a ProtoPRVR checkpoint, "
+                         f"not {builder.meta['method']}")
+    return builder

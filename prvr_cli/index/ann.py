@@ -4,8 +4,8 @@ Each branch's prototypes are clustered by k-means (trained on a sample), and eac
 from its centroid is product-quantised (IVFADC, as in FAISS's IVF-PQ): `SUBSPACES` bytes per prototype.
 A query scores the centroids and probes its best few per branch. The probed prototypes' scores are
 approximated as centroid score + residual score (table lookups), and a video's branch score as the max
-over its probed prototypes; a video probed in one branch only gets, for the other, the max over its
-prototypes of their centroids' scores (the centroid interaction of PLAID). The `depth` best videos by
+over its probed prototypes; a video probed in one branch only gets, for the other, the same
+approximation over all its prototypes there. The `depth` best videos by
 the approximate total are then scored exactly from the stored prototypes, so every reported score is
 exact and only the candidate set is approximate.
 
@@ -15,7 +15,7 @@ Files, beside the prototype matrices of a cache folder (per branch b):
     ann_b_codes.npy       [N, Lp] uint16: each prototype's centroid
     ann_b_offsets.npy     [C + 1] int64: where each centroid's list starts
     ann_b_rows.npy        [N * Lp] int32: the lists, concatenated: prototype rows (video * Lp + slot)
-    ann_b_pq.npy          [N * Lp, S] uint8: the residual codes, in list order
+    ann_b_pq.npy          [N * Lp, S] uint8: the residual codes, by prototype row
     ann_b_codebooks.npy   [S, 256, D / S] float32
     ann.json              the layout's parameters; written last, it marks the layout complete
 """
@@ -124,7 +124,7 @@ def build_branch(protos, folder: Path, branch: str, trained: tuple | None, rng: 
     order = np.argsort(codes.ravel(), kind="stable")
     np.save(folder / f"ann_{branch}_codes.npy", codes)
     np.save(folder / f"ann_{branch}_rows.npy", order.astype(np.int32))
-    np.save(folder / f"ann_{branch}_pq.npy", pq[order])
+    np.save(folder / f"ann_{branch}_pq.npy", pq)
     np.save(folder / f"ann_{branch}_offsets.npy",
             np.searchsorted(codes.ravel()[order], np.arange(len(centroids) + 1)).astype(np.int64))
     np.save(folder / f"ann_{branch}_codebooks.npy", codebooks.astype(np.float32))
@@ -172,23 +172,27 @@ class AnnCandidates:
         except (OSError, ValueError, KeyError):
             return None
 
-    def _probed(self, branch: str, query: np.ndarray, probe: int) -> tuple[np.ndarray, np.ndarray]:
-        """(centroid scores [C], approximate branch score per video [N], -inf where none of its prototypes was
-        probed)."""
+    def _probed(self, branch: str, query: np.ndarray, probe: int) -> tuple[tuple, np.ndarray]:
+        """(the query's centroid scores and residual tables, approximate branch score per video [N], -inf where
+        none of its prototypes was probed)."""
         p = self.parts[branch]
         scores = p["centroids"] @ query
-        best = np.full(self.n_videos, -np.inf, dtype=np.float32)
-        probe = min(probe, len(scores))
         width = p["codebooks"].shape[2]
         tables = np.einsum("swd,sd->sw", p["codebooks"], query.reshape(len(p["codebooks"]), width))  # [S, 256]
-        subspace = np.arange(len(tables))
-        for c in np.argpartition(-scores, probe - 1)[:probe]:
-            lo, hi = p["offsets"][c], p["offsets"][c + 1]
-            if hi == lo:
-                continue
-            approx = scores[c] + tables[subspace, np.asarray(p["pq"][lo:hi])].sum(1)
-            np.maximum.at(best, np.asarray(p["rows"][lo:hi]) // self.lp, approx.astype(np.float32))
-        return scores, best
+        probe = min(probe, len(scores))
+        lists = [np.asarray(p["rows"][p["offsets"][c]:p["offsets"][c + 1]])
+                 for c in np.argpartition(-scores, probe - 1)[:probe]]
+        rows = np.sort(np.concatenate(lists))
+        best = np.full(self.n_videos, -np.inf, dtype=np.float32)
+        np.maximum.at(best, rows // self.lp, self._approx(branch, (scores, tables), rows))
+        return (scores, tables), best
+
+    def _approx(self, branch: str, query_tables: tuple, rows: np.ndarray) -> np.ndarray:
+        """Approximate scores of prototype rows (ascending): centroid score + residual score."""
+        p, (scores, tables) = self.parts[branch], query_tables
+        codes = p["codes"].reshape(-1)
+        residual = tables[np.arange(len(tables)), np.asarray(p["pq"][rows])].sum(1)
+        return (scores[codes[rows]] + residual).astype(np.float32)
 
     def candidates(self, q_clip: np.ndarray, q_frame: np.ndarray, weights: tuple[float, float],
                    settings: AnnSettings, excluded: np.ndarray | None = None) -> np.ndarray:
@@ -204,11 +208,12 @@ class AnnCandidates:
             return videos
         total = np.zeros(len(videos), dtype=np.float32)
         for w, b in zip(weights, BRANCHES):
-            scores, best = probed[b]
+            query_tables, best = probed[b]
             branch = best[videos]
-            missing = ~np.isfinite(branch)
-            if missing.any():   # none of these videos' prototypes was probed here: their centroids' scores
-                branch[missing] = scores[np.asarray(self.parts[b]["codes"][videos[missing]])].max(-1)
+            missing = np.flatnonzero(~np.isfinite(branch))
+            if len(missing):   # none of these videos' prototypes was probed here: approximate all of them
+                rows = (videos[missing, None] * self.lp + np.arange(self.lp)).reshape(-1)
+                branch[missing] = self._approx(b, query_tables, rows).reshape(-1, self.lp).max(-1)
             total += w * branch
         return np.sort(videos[np.argpartition(-total, settings.depth - 1)[:settings.depth]])
 

@@ -59,7 +59,8 @@ def test_the_layout_lists_every_prototype_once_with_codes_that_approximate_it(tm
         flat = protos.reshape(-1, protos.shape[-1])[rows]
         centroid = p["centroids"][np.asarray(p["codes"]).ravel()[rows]]
         width = p["codebooks"].shape[2]
-        decoded = np.concatenate([p["codebooks"][s][np.asarray(p["pq"])[:, s]] for s in range(len(p["codebooks"]))], 1)
+        pq = np.asarray(p["pq"])[rows]
+        decoded = np.concatenate([p["codebooks"][s][pq[:, s]] for s in range(len(p["codebooks"]))], 1)
         assert decoded.shape[1] == len(p["codebooks"]) * width == protos.shape[-1]
         assert np.linalg.norm(flat - centroid - decoded, axis=1).mean() < 0.6 * np.linalg.norm(flat - centroid,
                                                                                                axis=1).mean()

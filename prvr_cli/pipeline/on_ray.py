@@ -13,6 +13,7 @@ Ray is an optional extra (`pip install 'prvr[ray]'`): only this module imports i
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,11 +49,6 @@ class EncodeWorker:
                                              cache_dir=recipe.cache_dir)
         self.builder = load_builder(recipe.model, self.encoder.spec(), device)
 
-    def pid(self) -> int:
-        import os
-
-        return os.getpid()
-
     def encode(self, path: str, fps: float, batch_size: int, decoder: str) -> dict:
         """{"info", "features" [T, D] float16, "timestamps", "protos"} of one file, or {"error": one line}."""
         from .decode import decode_frames
@@ -84,6 +80,9 @@ def connect(address: str, workers: int):
         _check_reachable(address)
         try:
             if address == LOCAL:
+                # Ray runs its workers at niceness 15 (its worker_niceness setting), so on a busy machine they would
+                # wait behind everything else; a local ingest's actors are the ingest, and run at normal priority
+                os.environ.setdefault("RAY_worker_niceness", "0")
                 ray.init(num_cpus=max(1, workers), include_dashboard=False, log_to_driver=False,
                          configure_logging=False)
             else:

@@ -20,6 +20,11 @@ def test_api_and_cli_answers_equal_the_in_process_search(served_index):
     status, body = server.json("/api/search?" + q(q="a red screen", k=3))
     assert status == 200 and body["query"] == "a red screen" and len(body["results"]) == 3
     assert json.loads(before.stdout) == {"query": body["query"], "results": body["results"]}
+    for mode in ("exact", "ann"):   # the candidate mode is applied and echoed, for the client to check
+        status, forced = server.json("/api/search?" + q(q="a red screen", k=3, candidates=mode))
+        assert status == 200 and forced["candidates"] == mode and forced["results"] == body["results"]
+    assert json.loads(server.cli("search", "a red screen", "-k", "3", "--json", "--candidates", "exact").stdout) == \
+        json.loads(before.stdout)
     tsv = server.cli("search", "a red screen", "-k", "3")
     server.stop()
     assert not socket_path(server.home / "run" / "prvr", server.index.resolve()).exists()   # removed on exit
@@ -31,7 +36,7 @@ def test_api_and_cli_answers_equal_the_in_process_search(served_index):
 def test_bad_parameters_get_a_json_error_not_a_traceback(served_index):
     server = served_index()
     for params, status in ((q(q=""), 400), (q(q="x", k="abc"), 400), (q(q="x", k=0), 400), (q(q="x", k=10 ** 6), 400),
-                           (q(q="x" * 2001), 400), (q(q="x", duplicates=5), 400)):
+                           (q(q="x" * 2001), 400), (q(q="x", duplicates=5), 400), (q(q="x", candidates="fast"), 400)):
         code, body, headers = server.get("/api/search?" + params)
         assert code == status and "error" in json.loads(body) and "Traceback" not in body.decode(), params
     code, body, _ = server.get("/api/search?" + "q=" + "x" * 20000)       # over the request line limit

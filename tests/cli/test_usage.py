@@ -50,10 +50,29 @@ def test_an_unreadable_file_on_the_command_line_is_a_usage_error(open_dir):
     assert str(secret) in r.stderr and "internal error" not in r.stderr
 
 
+def _wait_reading_stdin(proc, limit: float = 60.0) -> None:
+    """Until `proc` blocks in read(0, ...) (Linux: /proc/PID/syscall starts "0 0x0"); elsewhere, 3 s. A fixed
+    sleep was not enough on a loaded machine: the signal came while it was still importing."""
+    syscall = f"/proc/{proc.pid}/syscall"
+    if not os.path.exists(syscall):
+        time.sleep(3)
+        return
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            with open(syscall) as f:
+                if f.read().startswith("0 0x0 "):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"prvr search - did not start reading stdin within {limit} s")
+
+
 def test_ctrl_c_while_reading_queries_says_interrupted_not_videos_kept(tmp_path):
     proc = subprocess.Popen([PRVR, "search", "-", "--index", str(tmp_path / "none")], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(3)  # let it import and block on stdin
+    _wait_reading_stdin(proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

@@ -70,8 +70,11 @@ def _wait_reading_stdin(proc, limit: float = 60.0) -> None:
 
 
 def test_ctrl_c_while_reading_queries_says_interrupted_not_videos_kept(tmp_path):
+    # A shell that starts a job in the background (`cmd &`) has it ignore SIGINT, and a child inherits that:
+    # give prvr the default disposition, as a terminal's Ctrl-C finds it
     proc = subprocess.Popen([PRVR, "search", "-", "--index", str(tmp_path / "none")], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_reading_stdin(proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)

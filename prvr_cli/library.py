@@ -18,6 +18,7 @@ from pathlib import Path
 from .errors import IndexMissingError, MismatchError, UsageError
 from .index import ann
 from .index.search import HitFilter, SearchResults, attach_highlights, rank, rerank
+from .index.matrices import published
 from .index.meta import META_FILE, describe_builder, read_text_config
 from .index.store import Index
 from .pipeline.discover import Discovered, discover
@@ -210,12 +211,16 @@ class Library:
         return sorted(table.to_arrow().select(columns).to_pylist(), key=lambda r: r["path"])
 
     def info(self) -> dict:
-        """Where the index is, what built it, its size and table versions (its tables are read through first)."""
+        """Where the index is, what built it, its size and table versions (its tables are read through first), and
+        the approximate search candidates of its current search cache (None: searches score every video)."""
         idx = self.index()
         idx.verify()
+        cache = published(self.root, self.cache / "indexes")
+        layout = ann.AnnCandidates.open(cache) if cache is not None else None
         return {"index": str(idx.root), "format": idx.meta["format"], "videos": idx.count(),
                 "disk_bytes": disk_usage(idx.root), "encoder": idx.encoder_spec or {},
-                "builder": idx.builder_spec or {}, "table_versions": idx.versions()}
+                "builder": idx.builder_spec or {}, "table_versions": idx.versions(),
+                "candidates": layout.info if layout is not None else None}
 
     def compact(self) -> tuple[int, int]:
         """Merge small table files and drop every old table version; returns the folder's bytes before and after."""

@@ -45,6 +45,9 @@ def info(index: Optional[Path] = IndexOpt, as_json: bool = JsonOpt):
             ("model", f"{describe_builder(builder)}; {builder.get('n_prototypes', '-')} prototypes per branch, "
                       f"branch weights {builder.get('branch_weights', '-')}"),
             ("tables", ", ".join(f"{k} v{v}" for k, v in data["table_versions"].items())),
+            ("search", "exact: every video is scored" if data["candidates"] is None else
+                       f"approximate candidates, scored exactly: {data['candidates']['centroids']['clip']} "
+                       f"centroids per branch over {data['candidates']['videos']} videos"),
             ("config", data["config_file"]), ("cache", data["cache"])):
         write_line(f"{label:<10} {value}")
 

@@ -133,12 +133,18 @@ def test_the_search_cache_builds_candidates_for_large_libraries_and_reuses_their
 
 def test_cli_candidates_flag_gives_the_exact_hits_on_a_small_library(cli, videos):
     assert cli.ingest(videos)[0] == 0
+    code, out, _ = cli("info")
+    assert code == 0 and "exact: every video is scored" in out     # a small library: no candidates
     code, exact, _ = cli("search", "a red screen", "--json", "--candidates", "exact")
     assert code == 0
     code, approx, _ = cli("search", "a red screen", "--json", "--candidates", "ann")
     assert code == 0 and json.loads(approx) == json.loads(exact)     # depth beyond the library: every video
     code, out, err = cli("optimize")
     assert code == 0 and "candidates retrained" in out
+    code, out, _ = cli("info", "--json")
+    assert code == 0 and json.loads(out)["candidates"]["videos"] == 4
+    code, out, _ = cli("info")
+    assert "approximate candidates, scored exactly" in out
     code, _, err = cli("search", "red", "--candidates", "fast")
     assert code == 2 and "auto, ann or exact" in err
 

@@ -2,8 +2,10 @@
 server) and warm (a `prvr serve` running), and the server's latency under a bounded number of local clients.
 
 Each corpus size gets a synthetic index: a real CLIP encoder's identity and exported text side
-(random weights run at the same speed as trained ones), zero-shot prototypes as random unit vectors
-of the encoder's dimension, and per-prototype attention over 60 frames. Nothing about accuracy
+(random weights run at the same speed as trained ones), prototypes as random unit vectors, and per-prototype
+attention over 60 frames. Zero-shot, the prototypes have the encoder's dimension; with a trained checkpoint they
+have the model's (384 for the default preset), and the index carries the checkpoint's exported query branch, so
+a search runs the same query side as on a library ingested with `--model`. Nothing about accuracy
 is measured. Each search is a fresh process (`python -m prvr_cli search ...`), so the figures
 include starting Python, importing, loading the query side and reading the search cache, with the
 file cache warm (the second of two runs onward).
@@ -28,17 +30,16 @@ QUERIES = ["a man grabs his coffee", "two dogs run on a beach", "someone opens t
            "a child rides a red bicycle down the street", "the crowd cheers as the ball goes in"]
 
 
-def synthetic_index(root: Path, n_videos: int, encoder, seed: int = 0, progress=None) -> Path:
-    """An index at `root` holding `n_videos` synthetic zero-shot videos of `encoder`'s dimension (made once)."""
+def synthetic_index(root: Path, n_videos: int, encoder, builder, seed: int = 0, progress=None) -> Path:
+    """An index at `root` holding `n_videos` synthetic videos of `builder`'s prototype dimension (made once)."""
     from ..index.rows import schemas, to_table
     from ..index.store import Index
-    from ..pipeline.text_side import export_text_tower
-    from ..pipeline.prototypes import ZeroShotPrototypes
+    from ..pipeline.text_side import export_query_branch, export_text_tower
 
     idx = Index.open(root, create=True)
     if idx.count() == n_videos:
         return root
-    builder, dim, lp = ZeroShotPrototypes(), encoder.dim, 30
+    dim, lp = builder.output_dim(encoder.dim), 30
     rng = np.random.default_rng(seed)
     with idx.lock():
         if idx.encoder_spec is None:
@@ -65,6 +66,8 @@ def synthetic_index(root: Path, n_videos: int, encoder, seed: int = 0, progress=
                 progress(f"  {min(n_videos, lo + CHUNK)}/{n_videos} synthetic videos written")
         idx.optimize(grace=0)
         export_text_tower(encoder, idx.root)
+        if builder.kind == "trained":
+            export_query_branch(builder, idx.root)
     return root
 
 
@@ -164,30 +167,34 @@ def scan_against_bandwidth(cache: Path, repeats: int = 7) -> dict:
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
-        return round(statistics.median(times) * 1e3, 1)
+        return statistics.median(times) * 1e3
 
     scan = median_ms(lambda: [max_prototype_scores(b, q) for b in branches])
     with torch.inference_mode():
         read = median_ms(lambda: [b.values.sum() for b in branches])
-    return {"scan_ms": scan, "read_ms": read, "ratio": round(scan / read, 2), "torch_threads": torch.get_num_threads(),
-            "bytes": int(sum(b.bits.nbytes for b in branches))}
+    return {"scan_ms": round(scan, 1), "read_ms": round(read, 1), "ratio": round(scan / max(read, 1e-6), 2),
+            "torch_threads": torch.get_num_threads(), "bytes": int(sum(b.bits.nbytes for b in branches))}
 
 
 def bench_end_to_end(sizes: list[int], clip_model: str, clip_pretrained: str, folder: Path, repeats: int = 5,
-                     served: bool = True, clients: int = 4, requests: int = 25, progress=None) -> dict:
-    """Cold-process `prvr search` wall time and peak memory per corpus size, on synthetic indexes in `folder`."""
+                     served: bool = True, clients: int = 4, requests: int = 25, checkpoint: Path | None = None,
+                     progress=None) -> dict:
+    """Cold-process `prvr search` wall time and peak memory per corpus size, on synthetic indexes in `folder`
+    (zero-shot, or shaped by a trained ProtoPRVR `checkpoint` of this encoder)."""
     from ..pipeline.encode import FrameTextEncoder
+    from ..pipeline.prototypes import load_builder
 
     say = progress or (lambda s: None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         encoder = FrameTextEncoder.load(clip_model, clip_pretrained, "cpu")
+    builder = load_builder(str(checkpoint) if checkpoint else None, encoder.spec(), "cpu")
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "XDG_RUNTIME_DIR": str(Path(folder) / "run")}
     cells = []
     for n in sizes:
-        root = Path(folder) / f"{encoder.spec()['fingerprint']}-{n}"
+        root = Path(folder) / f"{encoder.spec()['fingerprint']}-{builder.spec()['fingerprint']}-{n}"
         say(f"synthetic index of {n} videos at {root}")
-        synthetic_index(root, n, encoder, progress=say)
+        synthetic_index(root, n, encoder, builder, progress=say)
         timed_search(root, QUERIES[0], env)   # warms the file cache (and builds the search cache if missing)
         runs = [timed_search(root, QUERIES[i % len(QUERIES)], env) for i in range(repeats)]
         walls, peaks = [r[0] for r in runs], [r[1] for r in runs]
@@ -212,4 +219,5 @@ def bench_end_to_end(sizes: list[int], clip_model: str, clip_pretrained: str, fo
                 f"p50 {cell['load']['p50_ms']} ms, p99 {cell['load']['p99_ms']} ms, {cell['load']['errors']} errors")
         cells.append({**cell, "load_average": load_average()})
     return {"clip_model": clip_model, "clip_pretrained": clip_pretrained, "dim": encoder.dim,
-            "machine": machine(), "cells": cells}
+            "builder": builder.spec(), "prototype_dim": builder.output_dim(encoder.dim), "machine": machine(),
+            "cells": cells}

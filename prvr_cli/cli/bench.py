@@ -70,7 +70,9 @@ def search_cmd(
     ann: bool = typer.Option(False, "--ann", help="Instead: approximate candidates against exact search (recall@10, "
                              "p50/p99, peak memory, build time) on libraries of a trained model's prototypes."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="With --ann: the trained ProtoPRVR "
-                                              "checkpoint whose prototypes the libraries are made of."),
+                                              "checkpoint whose prototypes the libraries are made of. With "
+                                              "--end-to-end: a checkpoint of --clip-model whose query branch and "
+                                              "prototype dimension the indexes take (default: zero-shot)."),
     data: Optional[Path] = typer.Option(None, "--data", help="With --ann: the benchmark the checkpoint encodes."),
     collection: str = typer.Option("anet", "--collection", help="With --ann: the collection under --data."),
     feature: str = typer.Option("cg", "--feature", help="With --ann: the video feature name."),
@@ -90,8 +92,11 @@ def search_cmd(
     if end_to_end:
         from ..bench.end_to_end import bench_end_to_end
 
+        if checkpoint is not None and not checkpoint.is_file():
+            raise UsageError(f"--checkpoint {checkpoint}: no such file; give a `prvr train` best.pt")
         result = bench_end_to_end(_int_list(sizes, "--sizes"), clip_model, clip_pretrained,
-                                  folder or settings.cache_home() / "bench-indexes", repeats, progress=_say)
+                                  folder or settings.cache_home() / "bench-indexes", repeats, checkpoint=checkpoint,
+                                  progress=_say)
         if as_json:
             write_line(json.dumps(result))
         else:

@@ -156,3 +156,21 @@ def test_bench_train_times_real_steps_and_profiles_them(cli, tmp_path):
     code, _, err = cli("bench", "train", "--data", tmp_path / "data", "--collection", "toy", "--steps", "500",
                        "--batch-videos", "8", "--device", "cpu", index=False)
     assert code == 2 and "fewer --steps" in err
+
+
+def test_end_to_end_on_a_trained_checkpoint_uses_its_query_branch(tmp_path):
+    """The end-to-end bench shaped by a checkpoint: prototypes of the model's dimension, its query branch exported,
+    and whole `prvr search` processes (cold and served) answer on that index."""
+    from prvr_cli.bench.end_to_end import bench_end_to_end
+    from prvr_cli.index.store import Index
+    from tests.helpers import FIXTURES
+
+    checkpoint = FIXTURES / "legacy" / "protoprvr_tiny.pt"
+    result = bench_end_to_end([40], TINY_CLIP, "none", tmp_path, repeats=1, clients=1, requests=2,
+                              checkpoint=checkpoint)
+    (cell,) = result["cells"]
+    assert result["builder"]["kind"] == "trained" and result["prototype_dim"] != result["dim"]
+    assert cell["n_videos"] == 40 and cell["median_wall_s"] > 0 and cell["load"]["errors"] == 0
+    (root,) = [p for p in tmp_path.iterdir() if p.name.endswith("-40")]
+    assert (root / "text" / "query_branch.json").is_file()
+    assert Index.open(root).meta["proto_dim"] == result["prototype_dim"]

@@ -18,6 +18,7 @@ class ExitCode:
     WEIGHTS = 8           # CLIP weights cannot be loaded (not cached, no network)
     DATA = 9              # bad training data: missing files, captions without features, wrong dims
     DISK = 10             # out of disk space or write error
+    REMOTE = 11           # an index on object storage cannot be reached or refuses access
     INTERRUPTED = 130     # Ctrl-C
 
 
@@ -75,3 +76,7 @@ class DecodeError(PrvrError, exit_code=ExitCode.PARTIAL):
 def random_weights_warning(clip_model: str) -> str:
     return f"CLIP model {clip_model} has random weights (--clip-pretrained none, seed 0): results are meaningless " \
         "outside tests"
+
+
+class RemoteError(PrvrError, exit_code=ExitCode.REMOTE):
+    """An index on object storage (s3://) cannot be reached, or refuses access."""

@@ -20,6 +20,7 @@ from .index import ann
 from .index.search import HitFilter, SearchResults, attach_highlights, rank, rerank
 from .index.matrices import published
 from .index.meta import META_FILE, describe_builder, read_text_config
+from .index.remote import RemoteIndex, is_remote
 from .index.store import Index
 from .pipeline.discover import Discovered, discover
 from .devices import resolve_device
@@ -39,7 +40,7 @@ class IngestReport:
 
     found: Discovered
     summary: Summary | None = None
-    index: Path | None = None
+    index: str | None = None     # the folder, or the s3:// address
 
     @property
     def complete(self) -> bool:
@@ -48,23 +49,39 @@ class IngestReport:
 
 
 class Library:
-    """An index folder and the user's cache folder (CLIP weights; search matrices of read-only indexes)."""
+    """An index folder (or an index on object storage, `s3://...`, through its local mirror folder) and the user's
+    cache folder (CLIP weights; search matrices of read-only indexes; mirrors of remote indexes)."""
 
-    def __init__(self, root: Path, cache: Path, device: str = "auto"):
-        self.root, self.cache, self.device = Path(root).expanduser().resolve(), Path(cache), device
+    def __init__(self, root: str | Path, cache: Path, device: str = "auto"):
+        self.cache, self.device = Path(cache), device
+        self.remote = RemoteIndex.at(str(root), self.cache) if is_remote(root) else None
+        self.root = self.remote.mirror if self.remote else Path(root).expanduser().resolve()
+        self._pulled = False
 
     @classmethod
     def open(cls, root: str | Path, cache: str | Path, device: str = "auto") -> "Library":
-        return cls(Path(root), Path(cache), device)
+        return cls(root, Path(cache), device)
+
+    @property
+    def location(self) -> str:
+        """The index's folder, or its s3:// address."""
+        return self.remote.uri if self.remote else str(self.root)
 
     def index(self, create: bool = False) -> Index:
-        return Index.open(self.root, create=create, cache_dir=self.cache / "indexes")
+        self._pulled = self.remote is not None
+        return Index.open(self.root, create=create, cache_dir=self.cache / "indexes", remote=self.remote)
+
+    def _pull_once(self) -> None:
+        """Bring a remote index's mirror up to date before reading it without opening its tables."""
+        if self.remote is not None and not self._pulled:
+            self.remote.pull()
+            self._pulled = True
 
     def filled_index(self) -> Index:
         """The index, which must hold videos."""
         idx = self.index()
         if idx.encoder_spec is None or idx.count() == 0:
-            raise IndexMissingError(f"index {idx.root} is empty; add videos with `prvr ingest PATH`")
+            raise IndexMissingError(f"index {idx.location} is empty; add videos with `prvr ingest PATH`")
         return idx
 
     # ----- ingest and reindex --------------------------------------------------------------
@@ -82,6 +99,7 @@ class Library:
         if ray:
             connect(ray, workers)      # before anything is written: a cluster that is not there is a usage error
         device, encoder, builder = resolve_device(self.device), None, None
+        self._pull_once()
         if not (self.root / META_FILE).is_file():  # a new index: made only once its encoder and model have loaded
             encoder = FrameTextEncoder.load(clip_model or DEFAULT_CLIP_MODEL, clip_pretrained or
                                             DEFAULT_CLIP_PRETRAINED, device, cache_dir=str(self.cache / "clip"))
@@ -112,7 +130,7 @@ class Library:
             if summary.new or summary.changed or summary.moved or summary.pruned:
                 idx.optimize()
             self._export_query_side(idx, encoder, builder)   # after the videos: they come first on a full disk
-        return IngestReport(found, summary, idx.root)
+        return IngestReport(found, summary, idx.location)
 
     def reindex(self, model: str, progress=None) -> dict:
         """Rebuild every video's prototypes with `model` (a checkpoint or zero-shot) from stored frame features."""
@@ -145,6 +163,7 @@ class Library:
         """
         ann.check_mode(candidates)
         if torch_free and not (clip_model or clip_pretrained or model or rerank_depth):
+            self._pull_once()
             searcher = Searcher.open(self.root, self.cache / "indexes")
             if searcher is not None:
                 return searcher.search(queries, k, keep_duplicates, hit_filter, candidates)
@@ -217,18 +236,22 @@ class Library:
         idx.verify()
         cache = published(self.root, self.cache / "indexes")
         layout = ann.AnnCandidates.open(cache) if cache is not None else None
-        return {"index": str(idx.root), "format": idx.meta["format"], "videos": idx.count(),
-                "disk_bytes": disk_usage(idx.root), "encoder": idx.encoder_spec or {},
+        return {"index": idx.location, "format": idx.meta["format"], "videos": idx.count(),
+                "disk_bytes": self.usage(), "encoder": idx.encoder_spec or {},
                 "builder": idx.builder_spec or {}, "table_versions": idx.versions(),
                 "candidates": layout.info if layout is not None else None}
 
     def compact(self) -> tuple[int, int]:
         """Merge small table files and drop every old table version; returns the folder's bytes before and after."""
         idx = self.index()
-        before = disk_usage(idx.root)
+        before = self.usage()
         with idx.lock():
             idx.optimize(grace=0)
-        return before, disk_usage(idx.root)
+        return before, self.usage()
+
+    def usage(self) -> int:
+        """Bytes the index takes where it lives (the folder, or the objects at its s3:// address)."""
+        return self.remote.disk_usage() if self.remote else disk_usage(self.root)
 
     def optimize(self) -> dict:
         """Compact the tables (as `compact`), then retrain the approximate candidates of a library that has them or

@@ -11,13 +11,12 @@ from .. import settings
 from ..errors import UsageError
 from ..index import ann
 from ..index.meta import describe_builder
-from ..library import disk_usage
 from .options import IndexOpt, JsonOpt, open_library
 from .output import fmt_bytes, fmt_time, print_videos, stderr, write_line
 
 
 def list_videos(
-    index: Optional[Path] = IndexOpt,
+    index: Optional[str] = IndexOpt,
     as_json: bool = typer.Option(False, "--json", help="JSON Lines, one object per video."),
 ):
     """What is indexed: one line per video, then totals on stderr."""
@@ -26,10 +25,10 @@ def list_videos(
     print_videos(rows, as_json)
     stderr.print(f"{len(rows)} videos, {fmt_time(sum(r['duration'] for r in rows))} of video, "
                  f"{sum(r['n_frames'] for r in rows)} frames, {fmt_bytes(sum(r['size'] for r in rows))} of files; "
-                 f"index uses {fmt_bytes(disk_usage(library.root))}", markup=False)
+                 f"index uses {fmt_bytes(library.usage())}", markup=False)
 
 
-def info(index: Optional[Path] = IndexOpt, as_json: bool = JsonOpt):
+def info(index: Optional[str] = IndexOpt, as_json: bool = JsonOpt):
     """Where the index is, what built it, and its table versions."""
     data = {**open_library(index).info(), "config_file": str(settings.config_path()),
             "cache": str(settings.cache_home())}
@@ -52,25 +51,25 @@ def info(index: Optional[Path] = IndexOpt, as_json: bool = JsonOpt):
         write_line(f"{label:<10} {value}")
 
 
-def compact(index: Optional[Path] = IndexOpt, as_json: bool = JsonOpt):
+def compact(index: Optional[str] = IndexOpt, as_json: bool = JsonOpt):
     """Merge the index's small table files and delete every old table version (not while a search runs)."""
     library = open_library(index)
     before, after = library.compact()
     if as_json:
-        write_line(json.dumps({"index": str(library.root), "bytes_before": before, "bytes_after": after}))
+        write_line(json.dumps({"index": library.location, "bytes_before": before, "bytes_after": after}))
     else:
-        write_line(f"compacted {library.root}: {fmt_bytes(before)} -> {fmt_bytes(after)}")
+        write_line(f"compacted {library.location}: {fmt_bytes(before)} -> {fmt_bytes(after)}")
 
 
-def optimize(index: Optional[Path] = IndexOpt, as_json: bool = JsonOpt):
+def optimize(index: Optional[str] = IndexOpt, as_json: bool = JsonOpt):
     """Compact the index (as `prvr compact`) and retrain its approximate search candidates on the current
     prototypes (large libraries: ingest keeps them current, and this fits them to the library again)."""
     library = open_library(index)
     done = library.optimize()
     if as_json:
-        write_line(json.dumps({"index": str(library.root), **done}))
+        write_line(json.dumps({"index": library.location, **done}))
         return
-    write_line(f"compacted {library.root}: {fmt_bytes(done['bytes_before'])} -> {fmt_bytes(done['bytes_after'])}")
+    write_line(f"compacted {library.location}: {fmt_bytes(done['bytes_before'])} -> {fmt_bytes(done['bytes_after'])}")
     c = done["candidates"]
     write_line(f"candidates: {done['videos']} videos, below {ann.ANN_MIN_VIDEOS}: every video is scored exactly"
                if c is None else f"candidates retrained: {c['centroids']['clip']} centroids per branch over "
@@ -80,7 +79,7 @@ def optimize(index: Optional[Path] = IndexOpt, as_json: bool = JsonOpt):
 def forget(
     paths: list[Path] = typer.Argument(..., metavar="PATH...", help="Indexed video files, or folders: every indexed "
                                        "video under them (the files need not exist any more)."),
-    index: Optional[Path] = IndexOpt,
+    index: Optional[str] = IndexOpt,
 ):
     """Drop videos from the index: prints each dropped path; a PATH that names no indexed video is an error (2)."""
     dropped, unmatched = open_library(index).forget(paths)

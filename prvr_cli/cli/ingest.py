@@ -17,7 +17,7 @@ from .output import IngestProgress, native_stderr_silenced, stderr, write_line
 
 def ingest(
     paths: List[Path] = typer.Argument(..., metavar="PATH", help="Video files or folders (searched recursively)."),
-    index: Optional[Path] = IndexOpt,
+    index: Optional[str] = IndexOpt,
     glob: Optional[str] = typer.Option(None, "--glob", help="Only files whose name or relative path matches."),
     fps: Optional[float] = typer.Option(None, "--fps", help="Frames sampled per second [default 3]."),
     clip_model: Optional[str] = ClipModelOpt,
@@ -83,7 +83,7 @@ def _waiting_message(root, holder: str) -> None:
 
 def reindex(
     model: str = typer.Option(..., "--model", help="Checkpoint from `prvr train`, or zero-shot."),
-    index: Optional[Path] = IndexOpt,
+    index: Optional[str] = IndexOpt,
     device: Optional[str] = DeviceOpt,
 ):
     """Rebuild every video's prototypes with another model, from stored frame features (no decoding)."""

@@ -7,9 +7,11 @@ from typing import Optional
 import typer
 
 from .. import settings
+from ..index.remote import is_remote
 from ..library import Library
 
-IndexOpt = typer.Option(None, "--index", help="Index folder [env PRVR_INDEX; default $XDG_DATA_HOME/prvr/index].")
+IndexOpt = typer.Option(None, "--index", help="Index folder, or s3://bucket/folder [env PRVR_INDEX; default "
+                        "$XDG_DATA_HOME/prvr/index].")
 DeviceOpt = typer.Option(None, "--device", help="auto, cpu or cuda [env PRVR_DEVICE; default auto].")
 ClipModelOpt = typer.Option(None, "--clip-model", help="open_clip model name or model-config .json "
                             "[env PRVR_CLIP_MODEL; default: the index's, else ViT-B-32].")
@@ -28,10 +30,11 @@ SetOpt = typer.Option([], "--set", help="Override a config key, repeatable: mode
 TrainDeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda.")
 
 
-def open_library(index: Optional[Path], device: Optional[str] = None) -> Library:
+def open_library(index: Optional[str], device: Optional[str] = None) -> Library:
     """The library at --index (or PRVR_INDEX, the config file, the XDG default), with the user's cache folder."""
-    root = Path(settings.resolve("index", str(index) if index else None)).expanduser()
-    return Library.open(root, cache=settings.cache_home(), device=settings.resolve("device", device))
+    root = settings.resolve("index", str(index) if index else None)
+    return Library.open(root if is_remote(root) else Path(root).expanduser(), cache=settings.cache_home(),
+                        device=settings.resolve("device", device))
 
 
 def encoder_choice(clip_model: Optional[str], clip_pretrained: Optional[str], model: Optional[str]) -> dict:

@@ -23,7 +23,7 @@ MAX_QUERY_CHARS = 2000
 def search(
     query: str = typer.Argument(..., metavar="QUERY",
                                 help="What happens in the moment you look for; - reads one query per line from stdin."),
-    index: Optional[Path] = IndexOpt,
+    index: Optional[str] = IndexOpt,
     top_k: Optional[int] = typer.Option(None, "-k", "--top-k", help="Number of videos to return [default 10]."),
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
     as_jsonl: bool = typer.Option(False, "--jsonl", help="One JSON object per hit (with its query) per line."),
@@ -185,7 +185,7 @@ def export(
                               "re-encoding (fast; may start up to one keyframe interval early)."),
     path_glob: Optional[str] = typer.Option(None, "--path-glob", metavar="GLOB", help="Only videos whose path matches."),
     min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop hits scoring below this."),
-    index: Optional[Path] = IndexOpt,
+    index: Optional[str] = IndexOpt,
     device: Optional[str] = DeviceOpt,
 ):
     """Cut the best highlight of each hit into DIR (RANK_STEM_START-END.mp4) and print the written paths."""

@@ -1,7 +1,6 @@
 """`prvr serve`: keep an index warm for `prvr search` and serve a page to look at the hits."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -13,7 +12,7 @@ from .output import stderr
 
 
 def serve(
-    index: Optional[Path] = IndexOpt,
+    index: Optional[str] = IndexOpt,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; anything but this machine's "
                              "loopback needs the token printed at start on every request."),
     port: int = typer.Option(8765, "--port", help="TCP port of the page and API (0: any free port)."),

@@ -52,6 +52,7 @@ def served_main(argv: list[str]) -> int | None:
         return None
     from .. import settings
     from ..errors import UsageError
+    from ..index.remote import RemoteIndex, is_remote
     from ..serve.client import served_search, socket_path
 
     try:
@@ -59,7 +60,10 @@ def served_main(argv: list[str]) -> int | None:
             return None
         k = int(opts["k"]) if "k" in opts else settings.resolve("top_k", None, int)
         candidates = settings.resolve("candidates")
-        root = Path(settings.resolve("index", opts.get("index"))).expanduser().resolve()
+        root = settings.resolve("index", opts.get("index"))
+        if is_remote(root):   # a server for an s3:// index listens by the index's mirror folder
+            root = RemoteIndex.mirror_of(root, settings.cache_home())
+        root = Path(root).expanduser().resolve()
     except (UsageError, ValueError, OSError):
         return None
     if not 1 <= k <= 10000:

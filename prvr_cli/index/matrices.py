@@ -33,6 +33,7 @@ import numpy as np
 
 from . import ann
 from ..errors import CorruptError, DiskError
+from .remote import RemoteIndex, manifest_version
 
 CACHE_KIND = "bf16-5"  # the layout: bfloat16 prototypes, paths in videos.json, copy_of.npy, rows.arrow
 POINTER = "current.json"
@@ -289,26 +290,19 @@ def cache_folders(root: Path, user_cache: Path | None) -> list[Path]:
 
 
 def latest_version(table_dir: Path) -> int | None:
-    """The newest committed version of a Lance table, from its manifest file names (None if there is none).
-
-    Lance names a manifest by its version, or (its newer naming) by 2^64 - 1 minus the version.
-    """
-    versions = []
+    """The newest committed version of a Lance table, from its manifest file names (None if there is none)."""
     try:
         names = os.listdir(table_dir / "_versions")
     except OSError:
         return None
-    for name in names:
-        stem, dot, ext = name.partition(".")
-        if ext == "manifest" and stem.isdigit():
-            n = int(stem)
-            versions.append(n if n < 1 << 63 else (1 << 64) - 1 - n)
-    return max(versions, default=None)
+    return max((v for v in map(manifest_version, names) if v is not None), default=None)
 
 
 def published(root: Path, user_cache: Path | None) -> Path | None:
-    """The complete cache folder of the videos table's newest version, if a search or a writer has made one."""
-    newest = latest_version(root / "db" / "videos.lance")
+    """The complete cache folder of the videos table's newest version, if a search or a writer has made one
+    (for the mirror of an index on object storage, the newest version is asked of the store)."""
+    remote = RemoteIndex.marked(root)
+    newest = remote.latest_version() if remote else latest_version(root / "db" / "videos.lance")
     if newest is None:
         return None
     for folder in cache_folders(root, user_cache):

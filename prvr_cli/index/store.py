@@ -36,9 +36,10 @@ os.environ.setdefault("LANCE_LOG", "error")
 
 import numpy as np  # noqa: E402
 
-from ..errors import CorruptError, DiskError, IndexMissingError, LockedError  # noqa: E402
+from ..errors import CorruptError, DiskError, IndexMissingError, LockedError, RemoteError  # noqa: E402
 from .matrices import SearchMatrices, cache_folders, load_matrices  # noqa: E402
 from .meta import FORMAT_VERSION, META_FILE, read_meta, write_meta  # noqa: E402
+from .remote import RemoteIndex  # noqa: E402
 from .rows import VideoRecord, schemas, sql_str, to_table  # noqa: E402
 
 MODEL_FILE = "model.pt"
@@ -53,13 +54,13 @@ def _disk_guard(fn):
             return fn(self, *args, **kwargs)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskError(f"no space left on the device holding {self.root}; free space and run again "
+                raise DiskError(f"no space left on the device holding {self.location}; free space and run again "
                                 "(videos already indexed are kept)") from e
             raise
         except Exception as e:  # lance reports I/O failures as generic errors carrying the OS message
             text = str(e)
             if "No space left" in text or "Disk quota" in text:
-                raise DiskError(f"no space left on the device holding {self.root}; free space and run again "
+                raise DiskError(f"no space left on the device holding {self.location}; free space and run again "
                                 "(videos already indexed are kept)") from e
             raise
 
@@ -70,20 +71,32 @@ def _disk_guard(fn):
 class Index:
     """A prvr index folder. Open with `Index.open(path)`; write only inside `with index.lock():`."""
 
-    def __init__(self, root: Path, meta: dict, cache_dir: Path | None = None):
+    def __init__(self, root: Path, meta: dict, cache_dir: Path | None = None, remote: RemoteIndex | None = None):
         import lancedb
 
-        self.root, self.meta, self.cache_dir = root, meta, cache_dir
-        self.db = lancedb.connect(str(root / "db"))
+        self.root, self.meta, self.cache_dir, self.remote = root, meta, cache_dir, remote
+        if remote is None:
+            self.db = lancedb.connect(str(root / "db"))
+        else:   # root is the local mirror of the small files; the tables live on object storage
+            self.db = lancedb.connect(remote.db_uri, storage_options=remote.storage_options())
         self._snapshot = None  # the videos table version a search ranked, so its rows are read from it too
+
+    @property
+    def location(self) -> str:
+        """Where the index is, in the user's words: its folder, or its s3:// address."""
+        return self.remote.uri if self.remote else str(self.root)
 
     # ----- opening and identity -------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | Path, create: bool = False, cache_dir: Path | None = None) -> "Index":
+    def open(cls, path: str | Path, create: bool = False, cache_dir: Path | None = None,
+             remote: RemoteIndex | None = None) -> "Index":
         """Open the index at `path` (with `create`, make it if absent). `cache_dir` holds search matrices
-        when the index folder is read-only."""
+        when the index folder is read-only. With `remote`, `path` is its mirror folder, brought up to date here."""
         root = Path(path).expanduser().resolve()
+        if remote is not None:
+            remote.pull()
+            return cls._open_mirror(root, create, cache_dir, remote)
         meta_path = root / META_FILE
         if root.exists() and not root.is_dir():
             raise CorruptError(f"{root} is a file, not a prvr index folder; pass the right --index")
@@ -101,6 +114,17 @@ class Index:
                 return cls(root, meta, cache_dir)
             return cls.open(root, cache_dir=cache_dir)  # another process created it a moment ago
         return cls(root, read_meta(root), cache_dir)
+
+    @classmethod
+    def _open_mirror(cls, root: Path, create: bool, cache_dir: Path | None, remote: RemoteIndex) -> "Index":
+        if (root / META_FILE).exists():
+            return cls(root, read_meta(root), cache_dir, remote)
+        if not create:
+            raise IndexMissingError(f"no index at {remote.uri}; build one with `prvr ingest PATH --index {remote.uri}`")
+        meta = {"format": FORMAT_VERSION, "created": time.time()}
+        write_meta(root, meta)
+        remote.push()   # the new index is there for every machine from now on
+        return cls(root, meta, cache_dir, remote)
 
     @property
     def encoder_spec(self) -> dict | None:
@@ -166,15 +190,25 @@ class Index:
             except BlockingIOError:
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
                 if wait is None:
-                    raise LockedError(f"index {self.root} is being written by another prvr process (pid {holder}); "
+                    raise LockedError(f"index {self.location} is being written by another prvr process (pid {holder}); "
                                       "wait for it to finish or use another --index (`prvr ingest --wait` waits)") from None
                 wait(self.root, holder)
                 fcntl.flock(fd, fcntl.LOCK_EX)
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
-            self.meta = read_meta(self.root)  # the previous holder may have changed it
-            yield self
-            self.publish()
+            if self.remote is not None:
+                self.remote.take_lease()
+                self.remote.pull()   # the previous writer, on any machine, may have changed the small files
+            try:
+                self.meta = read_meta(self.root)  # the previous holder may have changed it
+                yield self
+                if self.remote is not None:
+                    self.remote.push()
+                self.publish()
+            finally:
+                if self.remote is not None:
+                    with contextlib.suppress(RemoteError):   # a lease left behind is reported to the next writer
+                        self.remote.drop_lease()
         finally:
             os.close(fd)
 
@@ -187,8 +221,10 @@ class Index:
         except Exception as e:
             missing = isinstance(e, (FileNotFoundError, ValueError)) or "not found" in str(e).lower() \
                 or "does not exist" in str(e).lower()
+            if missing and self.remote is not None and self.remote.latest_version(name) is None:
+                return None
             folder = self.root / "db" / f"{name}.lance"
-            if missing and not folder.exists():
+            if missing and not folder.exists() and self.remote is None:
                 return None
             if missing and not any((folder / "_versions").glob("*.manifest")) and self.writer_active():
                 return None   # a writer is creating it this moment: no version committed yet

@@ -50,6 +50,8 @@ class ServedIndex:
         with self._lock:
             current = published(self.library.root, self.user_cache)
             if self._searcher is None or current is None or self._searcher.cache != current:
+                if self.library.remote is not None:   # another machine may have written: its query side too
+                    self.library.remote.pull()
                 if current is None:   # the full path builds the cache and the export, then we load them
                     self.library.search(["warm up"], 1, torch_free=False)
                 self._searcher = Searcher.open(self.library.root, self.user_cache, in_memory=True)

@@ -192,7 +192,7 @@ class Index:
                 if wait is None:
                     raise LockedError(f"index {self.location} is being written by another prvr process (pid {holder}); "
                                       "wait for it to finish or use another --index (`prvr ingest --wait` waits)") from None
-                wait(self.root, holder)
+                wait(self.location, holder)
                 fcntl.flock(fd, fcntl.LOCK_EX)
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)

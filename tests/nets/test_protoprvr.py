@@ -532,3 +532,20 @@ def test_attention_readout_trains_and_unknown_readout_is_a_usage_error():
     assert torch.isfinite(loss) and model.clip_prototypes.readout and model.frame_prototypes.readout
     with pytest.raises(UsageError, match="prototype_readout"):
         tiny_model(prototype_readout="mean")
+
+
+@pytest.mark.parametrize("clip_tokens", ["uniform", "merged"])
+def test_without_video_self_attention_prototypes_read_the_projected_tokens(clip_tokens):
+    """video_self_attention False: no encoder layer mixes frames or clips; each token is its own projected input, so a
+    video's prototypes do not change when a frame outside a token's bin changes the others' context."""
+    model = tiny_model(video_self_attention=False, clip_tokens=clip_tokens).eval()
+    assert model.frame_encoder is None and model.clip_encoder is None
+    batch = tiny_batch()
+    tok = model._video_tokens(batch.frames, batch.frame_mask)
+    want = model.frame_pos(model.frame_proj(tok["frame_pool"] @ batch.frames.masked_fill(
+        ~batch.frame_mask[..., None], 0.0)))
+    assert torch.allclose(tok["frames"], want, atol=1e-6)
+    trained = tiny_model(video_self_attention=False, clip_tokens=clip_tokens)
+    loss, _ = trained(batch)
+    loss.backward()
+    assert torch.isfinite(loss)

@@ -145,7 +145,7 @@ def create_app(served: ServedIndex, token: str | None = None, thumbs: Path | Non
 
     def health(request: Request):
         searcher = served.searcher()
-        return JSONResponse({"index": str(served.library.root), "videos": len(searcher.paths) if searcher else None,
+        return JSONResponse({"index": served.library.location, "videos": len(searcher.paths) if searcher else None,
                              "cache": searcher.cache.name if searcher else None})
 
     async def failure(request: Request, exc: Exception):

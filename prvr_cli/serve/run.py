@@ -63,7 +63,7 @@ def serve(served, host: str, port: int, runtime: Path, thumbs: Path, say) -> Non
         searcher = served.searcher()      # load before the first request
         port = tcp.getsockname()[1]
         shown = f"[{host}]" if ":" in host else host
-        say(f"serving {served.library.root} ({len(searcher.paths) if searcher else '?'} videos)")
+        say(f"serving {served.library.location} ({len(searcher.paths) if searcher else '?'} videos)")
         say(f"open http://{shown}:{port}/" + (f"?token={token}" if token else "") + "  (Ctrl-C stops)")
         # uvicorn re-raises the signal that stopped it once it has shut down: a SIGTERM then ends this process
         # through our handler, so the socket file is removed below (SIGINT already raises KeyboardInterrupt)

@@ -256,15 +256,19 @@ class Library:
     def optimize(self) -> dict:
         """Compact the tables (as `compact`), then retrain the approximate candidates of a library that has them or
         is large enough to (`index.ann`) on its current prototypes. Returns what was done."""
-        before, after = self.compact()
         idx = self.index()
+        before = self.usage()
         with idx.lock():
-            m = idx.search_matrices()
-            has = m.folder is not None and (m.folder / ann.MARKER).is_file()
-            if m.folder is None or not (has or len(m.paths) >= ann.ANN_MIN_VIDEOS):
-                return {"bytes_before": before, "bytes_after": after, "videos": len(m.paths), "candidates": None}
-            info = ann.rebuild(m.folder, m.clip, m.frame)
-        return {"bytes_before": before, "bytes_after": after, "videos": len(m.paths), "candidates": info}
+            idx.optimize(grace=0)
+            m = idx.search_matrices(retrain=True)  # a new version's cache trains its candidates here, once
+            layout = ann.AnnCandidates.open(m.folder) if m.folder is not None else None
+            if m.folder is None or (layout is None and len(m.paths) < ann.ANN_MIN_VIDEOS):
+                info = None
+            elif layout is not None and layout.info.get("trained"):
+                info = layout.info     # trained afresh on exactly these prototypes
+            else:
+                info = ann.rebuild(m.folder, m.clip, m.frame)
+        return {"bytes_before": before, "bytes_after": self.usage(), "videos": len(m.paths), "candidates": info}
 
     # ----- identity ------------------------------------------------------------------------
 

@@ -143,14 +143,15 @@ class ResidentPrototypes:
         return best.numpy(), arg.to(torch.int32).numpy()
 
 
-def load_matrices(table, proto_dim: int, folders: list[Path]) -> SearchMatrices:
-    """The matrices of `table` at its version, from the first of `folders` that holds or can hold them."""
+def load_matrices(table, proto_dim: int, folders: list[Path], retrain: bool = False) -> SearchMatrices:
+    """The matrices of `table` at its version, from the first of `folders` that holds or can hold them. A cache
+    built here trains its approximate candidates afresh with `retrain`, else reuses an older version's centroids."""
     for folder in folders:
         cache = folder / f"videos-v{table.version}-{CACHE_KIND}"
         if (cache / "videos.json").exists():
             break
         try:
-            _build_cache(table, proto_dim, cache)
+            _build_cache(table, proto_dim, cache, retrain)
             break
         except DiskError:
             return _read_table(table, proto_dim)  # disk full: search from memory, without a cache
@@ -167,7 +168,8 @@ def load_matrices(table, proto_dim: int, folders: list[Path]) -> SearchMatrices:
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
         shutil.rmtree(cache, ignore_errors=True)  # damaged cache: rebuild from the table
         # a damaged cache that cannot be removed (a read-only index): use the other folders
-        return load_matrices(table, proto_dim, [f for f in folders if f != folder] if cache.exists() else folders)
+        return load_matrices(table, proto_dim, [f for f in folders if f != folder] if cache.exists() else folders,
+                             retrain)
 
 
 SCAN_BATCH = 2048    # videos read from the table at a time when building matrices (bounded memory)
@@ -211,7 +213,7 @@ def _read_table(table, dim: int) -> SearchMatrices:
                           from_bfloat16(np.concatenate(frame)))
 
 
-def _build_cache(table, dim: int, cache: Path) -> None:
+def _build_cache(table, dim: int, cache: Path, retrain: bool = False) -> None:
     """Write the matrices into `cache` batch by batch, atomically (a temporary folder renamed), then drop older
     versions'. Memory stays bounded by one batch of videos whatever the library's size."""
     import pyarrow as pa
@@ -248,7 +250,7 @@ def _build_cache(table, dim: int, cache: Path) -> None:
         del matrices
         if n >= ann.ANN_MIN_VIDEOS:   # a large library: approximate candidates, kept current with each version
             ann.build(tmp, PrototypeFile(tmp / "proto_clip.npy"), PrototypeFile(tmp / "proto_frame.npy"),
-                      ann.previous_layout(cache))
+                      None if retrain else ann.previous_layout(cache))
         np.save(tmp / "copy_of.npy", _copy_of(hashes))
         (tmp / "videos.json").write_text(json.dumps({"paths": paths}))
         try:

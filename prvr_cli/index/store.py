@@ -433,13 +433,14 @@ class Index:
             warnings.warn(f"index {self.root}: the search cache was not refreshed ({e}); the next search builds it",
                           stacklevel=2)
 
-    def search_matrices(self) -> SearchMatrices:
+    def search_matrices(self, retrain: bool = False) -> SearchMatrices:
         """Every video's path, content hash and prototypes per branch, cached per table version (`matrices`).
 
         The version read here is the snapshot that `rows` reads highlights from, so one search sees one version.
+        A cache built now with `retrain` trains its approximate candidates afresh (`prvr optimize`).
         """
         table = self.videos
         if table is None or table.count_rows() == 0:
             raise IndexMissingError(f"index {self.root} is empty; add videos with `prvr ingest PATH`")
         self._snapshot = table
-        return load_matrices(table, int(self.meta["proto_dim"]), cache_folders(self.root, self.cache_dir))
+        return load_matrices(table, int(self.meta["proto_dim"]), cache_folders(self.root, self.cache_dir), retrain)

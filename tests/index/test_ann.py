@@ -115,6 +115,7 @@ def test_modes_exact_auto_and_ann_which_builds_the_layout(tmp_path):
 def test_the_search_cache_builds_candidates_for_large_libraries_and_reuses_their_centroids(cli, videos, tmp_path,
                                                                                          monkeypatch):
     monkeypatch.setattr(ann, "ANN_MIN_VIDEOS", 3)
+    real_build = ann.build
     assert cli.ingest(videos)[0] == 0
     library = Library.open(cli.index, tmp_path / "cache")
     assert library.search(["red"], 2, torch_free=False).hits[0]
@@ -127,8 +128,12 @@ def test_the_search_cache_builds_candidates_for_large_libraries_and_reuses_their
     assert second and second[0] != first[0]
     assert not json.loads((second[0] / ann.MARKER).read_text())["trained"]
     assert np.array_equal(np.load(second[0] / "ann_clip_centroids.npy"), centroids)
+    builds = []
+    monkeypatch.setattr(ann, "build", lambda *a, **k: builds.append(a[3] if len(a) > 3 else k.get("previous"))
+                        or real_build(*a, **k))
     code, out, _ = cli("optimize", "--json")
     assert code == 0 and json.loads(out)["candidates"]["trained"]
+    assert builds == [None]        # trained once, afresh: not built with old centroids and then again
 
 
 def test_cli_candidates_flag_gives_the_exact_hits_on_a_small_library(cli, videos):

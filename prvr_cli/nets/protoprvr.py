@@ -100,6 +100,7 @@ class ProtoPRVRConfig(BranchModelConfig):
     prototype_attention: str = "keys"   # softmax over the keys, or "competitive": over the prototypes (slot attention)
     prototype_readout: str = "block"    # the last round's block output, or "attention": its attention read-out alone
     video_self_attention: bool = True   # False: the prototypes read the projected frames and clips unmixed
+    query_encoder: str = "attention"    # or "mean": each branch's query is a linear map of the mean input token
 
     def __post_init__(self):
         if self.prototype_attention not in ("keys", "competitive"):
@@ -108,6 +109,8 @@ class ProtoPRVRConfig(BranchModelConfig):
         if self.prototype_readout not in ("block", "attention"):
             raise UsageError(f"model.prototype_readout {self.prototype_readout!r} is not supported; "
                              "use 'block' or 'attention'")
+        if self.query_encoder not in ("attention", "mean"):
+            raise UsageError(f"model.query_encoder {self.query_encoder!r} is not supported; use 'attention' or 'mean'")
         if self.clip_tokens not in ("uniform", "merged"):
             raise UsageError(f"model.clip_tokens {self.clip_tokens!r} is not supported; use 'uniform' or 'merged'")
         if self.clip_tokens == "merged" and self.max_frames < self.n_clips:
@@ -258,6 +261,8 @@ class ProtoPRVR(RetrievalModel):
         self.query_pos = LearnedPositions(self.max_words, hidden, dropout)
         self.query_encoder = encoder_layer()
         self.query_pool = nn.ModuleDict({b: AttentionPool(hidden) for b in BRANCHES})
+        if cfg.query_encoder == "mean":   # replaces the encoder and pools above when encoding queries
+            self.query_mean = nn.ModuleDict({b: nn.Linear(text_dim, hidden) for b in BRANCHES})
         # cross-modal masked reconstruction decoder: cross-attend to p*, then self-attend
         self.mask_token = nn.Parameter(torch.randn(hidden) * 0.02)
         self.crecon_pos = LearnedPositions(self.max_words, hidden, dropout)
@@ -321,6 +326,10 @@ class ProtoPRVR(RetrievalModel):
         tokens, token_mask = tokens[:, : self.max_words], token_mask[:, : self.max_words].clone()
         token_mask[:, 0] |= ~token_mask.any(1)  # an empty query still attends to something
         projected = self.query_proj(tokens)
+        if self.cfg.query_encoder == "mean":
+            weights = token_mask[..., None].to(tokens.dtype)
+            mean = F.normalize((tokens * weights).sum(1) / weights.sum(1).clamp(min=1), dim=-1)
+            return QueryEncoding(self.query_mean["clip"](mean), self.query_mean["frame"](mean)), projected, token_mask
         x = self.query_encoder(self.query_pos(projected), src_key_padding_mask=~token_mask)
         pooled = QueryEncoding(self.query_pool["clip"](x, token_mask), self.query_pool["frame"](x, token_mask))
         return pooled, projected, token_mask

@@ -111,6 +111,11 @@ def export_query_branch(builder, index_root: Path) -> None:
     if builder.kind != "trained":
         return
     m = builder.model
+    if m.cfg.query_encoder == "mean":
+        tensors = {f"mean.{b}.{k}": getattr(m.query_mean[b], k) for b in ("clip", "frame") for k in ("weight", "bias")}
+        config = {"encoder": "mean", "max_query_tokens": int(m.max_words), "builder": builder.spec()["fingerprint"]}
+        _write_atomically(folder, "query_branch", config, tensors)
+        return
     tensors = {"proj.norm.weight": m.query_proj[0].weight, "proj.norm.bias": m.query_proj[0].bias,
                "proj.linear.weight": m.query_proj[2].weight, "proj.linear.bias": m.query_proj[2].bias,
                "positions": m.query_pos.weight, "positions.norm.weight": m.query_pos.norm.weight,

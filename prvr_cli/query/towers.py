@@ -127,6 +127,9 @@ class QueryBranch:
         """One query's token features [n, E] -> its L2-normalised (clip, frame) vectors."""
         cfg, w, eps = self.config, self.weights, 1e-5
         x = tokens[: cfg["max_query_tokens"]].astype(np.float32)
+        if cfg.get("encoder") == "mean":   # model.query_encoder 'mean': a linear map of the normalised mean token
+            mean = normalize(x.mean(0))
+            return tuple(normalize(mean @ w[f"mean.{b}.weight"].T + w[f"mean.{b}.bias"]) for b in ("clip", "frame"))
         x = np.maximum(layer_norm(x, w["proj.norm.weight"], w["proj.norm.bias"], eps) @ w["proj.linear.weight"].T
                        + w["proj.linear.bias"], 0.0)
         x = layer_norm(x + w["positions"][: len(x)], w["positions.norm.weight"], w["positions.norm.bias"], eps)[None]

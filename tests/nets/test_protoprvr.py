@@ -549,3 +549,20 @@ def test_without_video_self_attention_prototypes_read_the_projected_tokens(clip_
     loss, _ = trained(batch)
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def test_mean_query_encoder_is_a_linear_map_of_the_normalised_mean_token():
+    """query_encoder 'mean': each branch's query is Linear(normalize(mean of the valid tokens)); padding is ignored."""
+    model = tiny_model(query_encoder="mean").eval()
+    batch = tiny_batch()
+    tokens, mask = batch.tokens, batch.token_mask
+    q = model.encode_queries(tokens, mask)
+    for i in range(len(tokens)):
+        mean = torch.nn.functional.normalize(tokens[i, mask[i]].mean(0), dim=-1)
+        assert torch.allclose(q.clip[i], model.query_mean["clip"](mean), atol=1e-5)
+        assert torch.allclose(q.frame[i], model.query_mean["frame"](mean), atol=1e-5)
+    loss, _ = tiny_model(query_encoder="mean")(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    with pytest.raises(UsageError, match="query_encoder"):
+        tiny_model(query_encoder="lstm")

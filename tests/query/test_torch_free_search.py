@@ -47,12 +47,16 @@ def test_text_tower_matches_open_clip(encoder, tmp_path):
         assert ours.shape == theirs.shape and np.abs(ours - theirs).max() < 1e-5
 
 
-def test_query_branch_matches_the_trained_model(encoder, tmp_path):
-    from prvr_cli.nets.factory import create_model, save_checkpoint
+@pytest.mark.parametrize("query_encoder", ["attention", "mean"])
+def test_query_branch_matches_the_trained_model(encoder, tmp_path, query_encoder):
+    from prvr_cli.nets.factory import create_model, load_config, save_checkpoint
 
     torch.manual_seed(3)
     ckpt = tmp_path / "tiny.pt"
-    save_checkpoint(ckpt, create_model("protoprvr_anet", video_dim=32, text_dim=32), feature_source={})
+    config = load_config("protoprvr_anet")
+    config["model"]["query_encoder"] = query_encoder
+    model = create_model(config, video_dim=32, text_dim=32)
+    save_checkpoint(ckpt, model, feature_source={})
     builder = TrainedPrototypes.load(ckpt, encoder.spec())
     export_query_branch(builder, tmp_path)
     branch = QueryBranch(tmp_path / "text")

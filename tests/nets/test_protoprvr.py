@@ -323,7 +323,7 @@ def test_a_few_steps_reduce_the_loss():
 # ------------------------------------------------------------------ presets and checkpoints
 @pytest.mark.parametrize("preset,nce,iterations,temperature", [
     ("protoprvr_tvr", 0.03, 1, 0.0), ("protoprvr_anet_paper", 0.06, 1, 0.0), ("protoprvr_qvh", 0.06, 1, 0.0),
-    ("protoprvr_anet", 1.0, 3, 0.05)])   # the default: three rounds, InfoNCE on cosine / 0.05 (docs/benchmarks.md)
+    ("protoprvr_anet", 1.0, 3, 0.05)])   # the default: three rounds, InfoNCE on cosine / 0.05, mean-token queries
 def test_presets_load(preset, nce, iterations, temperature):
     config = load_config(preset)
     assert config["method"] == "protoprvr" and config["train"]["lr"] == 2.5e-4
@@ -331,6 +331,8 @@ def test_presets_load(preset, nce, iterations, temperature):
     assert (m["n_prototypes"], m["iterations"], m["hidden_size"], m["n_heads"]) == (30, iterations, 384, 4)
     assert m["losses"] == {"nce": nce, "triplet": 1.0, "crecon": 0.1, "urecon": 1.0, "attn": 0.005, "ortho": 0.01}
     assert m["attn_beta"] == 0.2 and m.get("nce_temperature", 0.0) == temperature
+    # the default reads its queries as the mean token (docs/benchmarks.md, section 8); the papers' presets attend
+    assert m.get("query_encoder", "attention") == ("mean" if preset == "protoprvr_anet" else "attention")
 
 
 def test_checkpoint_round_trip(tmp_path):

@@ -20,7 +20,7 @@ from .index import ann
 from .index.search import HitFilter, SearchResults, attach_highlights, rank, rerank
 from .index.matrices import published
 from .index.meta import META_FILE, describe_builder, read_text_config
-from .index.remote import RemoteIndex, is_remote
+from .index.remote import RemoteIndex, is_remote, local_folder
 from .index.store import Index
 from .pipeline.discover import Discovered, discover
 from .devices import resolve_device
@@ -55,7 +55,7 @@ class Library:
     def __init__(self, root: str | Path, cache: Path, device: str = "auto"):
         self.cache, self.device = Path(cache), device
         self.remote = RemoteIndex.at(str(root), self.cache) if is_remote(root) else None
-        self.root = self.remote.mirror if self.remote else Path(root).expanduser().resolve()
+        self.root = local_folder(root, self.cache)
         self._pulled = False
 
     @classmethod

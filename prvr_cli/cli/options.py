@@ -1,13 +1,11 @@
 """Options shared by several commands, and opening the library they act on."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import typer
 
 from .. import settings
-from ..index.remote import is_remote
 from ..library import Library
 
 IndexOpt = typer.Option(None, "--index", help="Index folder, or s3://bucket/folder [env PRVR_INDEX; default "
@@ -32,8 +30,7 @@ TrainDeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda.")
 
 def open_library(index: Optional[str], device: Optional[str] = None) -> Library:
     """The library at --index (or PRVR_INDEX, the config file, the XDG default), with the user's cache folder."""
-    root = settings.resolve("index", str(index) if index else None)
-    return Library.open(root if is_remote(root) else Path(root).expanduser(), cache=settings.cache_home(),
+    return Library.open(settings.resolve("index", index or None), cache=settings.cache_home(),
                         device=settings.resolve("device", device))
 
 

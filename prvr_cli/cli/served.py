@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 FLAGS = {"--json": "json", "--jsonl": "jsonl", "--paths-only": "paths", "-0": "nul", "--null": "nul",
          "--keep-duplicates": "keep"}
@@ -52,7 +51,7 @@ def served_main(argv: list[str]) -> int | None:
         return None
     from .. import settings
     from ..errors import UsageError
-    from ..index.remote import RemoteIndex, is_remote
+    from ..index.remote import local_folder
     from ..serve.client import served_search, socket_path
 
     try:
@@ -60,10 +59,7 @@ def served_main(argv: list[str]) -> int | None:
             return None
         k = int(opts["k"]) if "k" in opts else settings.resolve("top_k", None, int)
         candidates = settings.resolve("candidates")
-        root = settings.resolve("index", opts.get("index"))
-        if is_remote(root):   # a server for an s3:// index listens by the index's mirror folder
-            root = RemoteIndex.mirror_of(root, settings.cache_home())
-        root = Path(root).expanduser().resolve()
+        root = local_folder(settings.resolve("index", opts.get("index")), settings.cache_home())
     except (UsageError, ValueError, OSError):
         return None
     if not 1 <= k <= 10000:

@@ -39,6 +39,13 @@ def is_remote(location) -> bool:
     return str(location).startswith(SCHEMES)
 
 
+def local_folder(location, cache_home: Path) -> Path:
+    """The folder that stands for an index: its own folder, or the local mirror of an s3:// index."""
+    if is_remote(location):
+        return RemoteIndex.mirror_of(str(location), cache_home)
+    return Path(location).expanduser().resolve()
+
+
 def manifest_version(name: str) -> int | None:
     """The table version a Lance manifest file name stands for (by its version, or by 2^64 - 1 minus it)."""
     stem, _, ext = name.rpartition("/")[2].partition(".")

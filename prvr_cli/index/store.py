@@ -198,8 +198,9 @@ class Index:
             os.pwrite(fd, str(os.getpid()).encode(), 0)
             if self.remote is not None:
                 self.remote.take_lease()
-                self.remote.pull()   # the previous writer, on any machine, may have changed the small files
             try:
+                if self.remote is not None:
+                    self.remote.pull()   # the previous writer, on any machine, may have changed the small files
                 self.meta = read_meta(self.root)  # the previous holder may have changed it
                 yield self
                 if self.remote is not None:

@@ -241,8 +241,15 @@ def check_mode(mode: str) -> str:
 
 def previous_layout(cache: Path) -> Path | None:
     """The newest other cache folder beside `cache` that holds a complete layout (its centroids are reused)."""
-    folders = [f for f in cache.parent.glob("videos-v*") if f != cache and (f / MARKER).is_file()]
-    return max(folders, key=lambda f: f.stat().st_mtime, default=None)
+    newest, when = None, -1.0
+    for folder in cache.parent.glob("videos-v*"):
+        try:    # another process may remove a folder at any moment
+            mtime = (folder / MARKER).stat().st_mtime if folder != cache else -1.0
+        except OSError:
+            continue
+        if mtime > when:
+            newest, when = folder, mtime
+    return newest
 
 
 def for_search(mode: str, cache: Path | None, clip, frame) -> "AnnCandidates | None":

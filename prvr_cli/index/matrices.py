@@ -25,6 +25,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import NamedTuple
@@ -64,27 +65,38 @@ def from_bfloat16(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray
 
 
 class PrototypeFile:
-    """Prototypes [N, Lp, D] of a cache file in bfloat16: streamed in blocks for a scan, gathered by video."""
+    """Prototypes [N, Lp, D] of a cache file in bfloat16: streamed in blocks for a scan, gathered by video.
+
+    The file stays open from here on: a writer that publishes a newer cache removes this one, and a search
+    already holding it reads on from the open file (POSIX keeps an unlinked file's data while it is open).
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        with open(self.path, "rb") as f:
-            version = np.lib.format.read_magic(f)
+        self.file = open(self.path, "rb", buffering=0)
+        try:
+            version = np.lib.format.read_magic(self.file)
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
                 np.lib.format.read_array_header_2_0
-            shape, _, dtype = read_header(f)
-            self.offset = f.tell()
-        if dtype != np.uint16 or len(shape) != 3:
-            raise ValueError(f"{path}: not a bfloat16 prototype matrix")
+            shape, _, dtype = read_header(self.file)
+            self.offset = self.file.tell()
+            if dtype != np.uint16 or len(shape) != 3:
+                raise ValueError(f"{path}: not a bfloat16 prototype matrix")
+        except BaseException:
+            self.file.close()
+            raise
         self.shape = tuple(shape)
+
+    def mapped(self) -> np.ndarray:
+        """The whole matrix as a read-only memory map of the open file."""
+        return np.memmap(self.file, dtype=np.uint16, mode="r", offset=self.offset, shape=self.shape)
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def __getitem__(self, videos) -> np.ndarray:
         """float32 prototypes of the given videos (index or array of indices)."""
-        m = np.memmap(self.path, dtype=np.uint16, mode="r", offset=self.offset, shape=self.shape)
-        return from_bfloat16(np.asarray(m[videos]))
+        return from_bfloat16(np.asarray(self.mapped()[videos]))
 
     def blocks(self, rows: int):
         """(first video, float32 block [n, Lp, D]) over the whole matrix; the block's buffer is reused."""
@@ -92,18 +104,18 @@ class PrototypeFile:
         per_block = max(1, rows // lp)
         raw = np.empty(per_block * lp * d, dtype=np.uint16)
         wide = np.empty(per_block * lp * d, dtype=np.float32)
-        with open(self.path, "rb", buffering=0) as f:
-            f.seek(self.offset)
-            for v0 in range(0, n, per_block):
-                count = min(per_block, n - v0) * lp * d
-                view = memoryview(raw[:count]).cast("B")
-                got = 0
-                while got < len(view):
-                    read = f.readinto(view[got:])
-                    if not read:
-                        raise ValueError(f"{self.path} is truncated")
-                    got += read
-                yield v0, from_bfloat16(raw[:count], wide[:count]).reshape(-1, lp, d)
+        position = self.offset     # positioned reads: threads of a server may scan the same file at once
+        for v0 in range(0, n, per_block):
+            count = min(per_block, n - v0) * lp * d
+            view = memoryview(raw[:count]).cast("B")
+            got = 0
+            while got < len(view):
+                read = os.preadv(self.file.fileno(), [view[got:]], position + got)
+                if not read:
+                    raise ValueError(f"{self.path} is truncated")
+                got += read
+            position += got
+            yield v0, from_bfloat16(raw[:count], wide[:count]).reshape(-1, lp, d)
 
 
 class ResidentPrototypes:
@@ -120,7 +132,7 @@ class ResidentPrototypes:
     def __init__(self, file: PrototypeFile):
         import torch
 
-        bits = np.array(np.memmap(file.path, dtype=np.uint16, mode="r", offset=file.offset, shape=file.shape))
+        bits = np.array(file.mapped())
         self.shape = file.shape
         self.bits = bits
         self.values = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).reshape(-1, file.shape[2])
@@ -268,9 +280,16 @@ def _build_cache(table, dim: int, cache: Path, retrain: bool = False) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in cache.parent.glob("videos-v*"):
-        if old != cache and ".tmp" not in old.name:
+    for old in cache.parent.glob("videos-v*"):  # not a newer version, which another process may have published since
+        version, kind = cache_version(old)
+        if version is not None and (version < table.version or kind != CACHE_KIND):
             shutil.rmtree(old, ignore_errors=True)
+
+
+def cache_version(folder: Path) -> tuple[int | None, str]:
+    """(table version, layout kind) of a cache folder's name; (None, "") for a temporary or foreign folder."""
+    match = re.fullmatch(r"videos-v(\d+)-([\w-]+)", folder.name)
+    return (int(match.group(1)), match.group(2)) if match else (None, "")
 
 
 def _point_at(folder: Path, version: int) -> None:

@@ -1,6 +1,7 @@
 """The torch-free query path: tokenizer, numpy towers and searcher against open_clip, ProtoPRVR and the full path."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -156,3 +157,38 @@ def test_every_scan_ranks_alike_bfloat16_resident_streamed_and_in_memory(tmp_pat
                 for clip, frame in ((exact[0], exact[1]), files, resident)]
         assert hits[0] == hits[1] == hits[2]
         assert len(hits[0][0]) == min(k, 299)
+
+
+def test_a_search_holding_a_cache_survives_its_removal_by_a_newer_version(cli, videos, tmp_path):
+    """A writer that publishes a newer table version removes older caches; searches already holding one go on."""
+    from prvr_cli.index.matrices import load_matrices
+    from prvr_cli.index.search import rank
+
+    assert cli.ingest(videos)[0] == 0
+    library = Library.open(cli.index, tmp_path / "cache")
+    searcher = Searcher.open(library.root)
+    dim = searcher.clip.shape[2]
+    matrices = load_matrices(library.index().videos, dim, [cli.index / "cache"])
+    before = _hits(searcher.search(["a red screen"], 4))
+    shutil.rmtree(searcher.cache)
+    assert _hits(searcher.search(["a red screen"], 4)) == before
+    q = np.ones((1, dim), np.float32) / dim ** 0.5
+    assert len(rank(matrices.paths, matrices.clip, matrices.frame, q, q, (0.5, 0.5), 4)[0]) == 4
+
+
+def test_building_an_older_versions_cache_keeps_a_newer_one(cli, videos, tmp_path):
+    from prvr_cli.index.matrices import CACHE_KIND, cache_version, load_matrices
+
+    assert cli.ingest(videos)[0] == 0
+    library = Library.open(cli.index, tmp_path / "cache")
+    table, dim = library.index().videos, Searcher.open(library.root).clip.shape[2]
+    current = cli.index / "cache" / f"videos-v{table.version}-{CACHE_KIND}"
+    newer = current.with_name(f"videos-v{table.version + 1}-{CACHE_KIND}")
+    other_layout = current.with_name(f"videos-v{table.version}-f32-1")
+    shutil.copytree(current, newer)                 # as if another process had published a newer version meanwhile
+    other_layout.mkdir()
+    shutil.rmtree(current)
+    load_matrices(table, dim, [cli.index / "cache"])    # builds the current version's cache again
+    names = {p.name for p in (cli.index / "cache").glob("videos-v*")}
+    assert current.name in names and newer.name in names and other_layout.name not in names
+    assert cache_version(newer) == (table.version + 1, CACHE_KIND)

@@ -16,6 +16,10 @@ The clip branch's transformer runs on the 32 clip tokens *before* span pooling (
 encodes its clips before building its clip map): self-attention over 32 tokens is cheap
 and every span mean then inherits context and position from the clips it covers.
 
+What a prototype stores is the last round's output (`prototype_readout`): the block's output, its attention read-out
+alone, or ("input") that attention applied to the unit-length input frame features, so the prototypes are weighted
+means of real frame features and the queries are mapped into the input feature space.
+
 Score per branch: max over the video's prototypes of cosine similarity; final score
 `clip_weight * s_clip + frame_weight * s_frame` (0.7 / 0.3 by default, the MS-SL / GMMFormer
 convention of favouring the clip branch). p*, the *retrieved prototype*, is the argmax.
@@ -98,7 +102,8 @@ class ProtoPRVRConfig(BranchModelConfig):
     clip_tokens: str = "uniform"    # or "merged": MSC's order-preserving merging of 128 frames, +log(size) attention
     tcpl_angle_anchors: int = 128
     prototype_attention: str = "keys"   # softmax over the keys, or "competitive": over the prototypes (slot attention)
-    prototype_readout: str = "block"    # the last round's block output, or "attention": its attention read-out alone
+    prototype_readout: str = "block"    # the last round's block output; "attention": its attention read-out alone;
+                                        # "input": its attention applied to the input frame features themselves
     video_self_attention: bool = True   # False: the prototypes read the projected frames and clips unmixed
     query_encoder: str = "attention"    # or "mean": each branch's query is a linear map of the mean input token
 
@@ -106,11 +111,14 @@ class ProtoPRVRConfig(BranchModelConfig):
         if self.prototype_attention not in ("keys", "competitive"):
             raise UsageError(f"model.prototype_attention {self.prototype_attention!r} is not supported; "
                              "use 'keys' or 'competitive'")
-        if self.prototype_readout not in ("block", "attention"):
+        if self.prototype_readout not in ("block", "attention", "input"):
             raise UsageError(f"model.prototype_readout {self.prototype_readout!r} is not supported; "
-                             "use 'block' or 'attention'")
+                             "use 'block', 'attention' or 'input'")
         if self.query_encoder not in ("attention", "mean"):
             raise UsageError(f"model.query_encoder {self.query_encoder!r} is not supported; use 'attention' or 'mean'")
+        if self.prototype_readout == "input" and self.query_encoder != "mean":
+            raise UsageError("model.prototype_readout 'input' needs model.query_encoder 'mean' (its queries are mapped "
+                             "into the input feature space)")
         if self.clip_tokens not in ("uniform", "merged"):
             raise UsageError(f"model.clip_tokens {self.clip_tokens!r} is not supported; use 'uniform' or 'merged'")
         if self.clip_tokens == "merged" and self.max_frames < self.n_clips:
@@ -245,7 +253,7 @@ class ProtoPRVR(RetrievalModel):
 
         def prototypes():
             return PrototypeGenerator(n_prototypes, hidden, heads, ff_dim, iterations, dropout,
-                                      cfg.prototype_attention == "competitive", cfg.prototype_readout == "attention")
+                                      cfg.prototype_attention == "competitive", cfg.prototype_readout != "block")
 
         # video branches
         self.frame_proj = InputProjection(video_dim, hidden, dropout)
@@ -261,8 +269,10 @@ class ProtoPRVR(RetrievalModel):
         self.query_pos = LearnedPositions(self.max_words, hidden, dropout)
         self.query_encoder = encoder_layer()
         self.query_pool = nn.ModuleDict({b: AttentionPool(hidden) for b in BRANCHES})
+        if cfg.prototype_readout == "input":   # stored prototypes live in the input feature space
+            self.output_dim = video_dim
         if cfg.query_encoder == "mean":   # replaces the encoder and pools above when encoding queries
-            self.query_mean = nn.ModuleDict({b: nn.Linear(text_dim, hidden) for b in BRANCHES})
+            self.query_mean = nn.ModuleDict({b: nn.Linear(text_dim, self.output_dim) for b in BRANCHES})
         # cross-modal masked reconstruction decoder: cross-attend to p*, then self-attend
         self.mask_token = nn.Parameter(torch.randn(hidden) * 0.02)
         self.crecon_pos = LearnedPositions(self.max_words, hidden, dropout)
@@ -278,7 +288,7 @@ class ProtoPRVR(RetrievalModel):
     # ------------------------------------------------------------------ encoding
     def encode_videos(self, frames: torch.Tensor, frame_mask: torch.Tensor | None = None) -> VideoEncoding:
         """Prototypes [B, P, hidden] per branch and their attention over the input frames [B, P, T]."""
-        return self._prototypes(self._video_tokens(frames, frame_mask))
+        return self._prototypes(self._video_tokens(frames, frame_mask))[0]
 
     def _video_tokens(self, frames: torch.Tensor, frame_mask: torch.Tensor | None) -> dict:
         """Both branches' encoded tokens, with the matrices mapping each token onto the input frames."""
@@ -310,16 +320,22 @@ class ProtoPRVR(RetrievalModel):
             x_clips = self.clip_pos(self.clip_proj(bins @ frames))
             if self.clip_encoder is not None:
                 x_clips = self.clip_encoder(x_clips)
-        return {"frames": x_frames, "frame_mask": token_mask, "frame_pool": pool, "clips": x_clips, "clip_bins": bins}
+        return {"frames": x_frames, "frame_mask": token_mask, "frame_pool": pool, "clips": x_clips, "clip_bins": bins,
+                "inputs": F.normalize(frames, dim=-1)}
 
-    def _prototypes(self, tok: dict) -> VideoEncoding:
-        """Per branch, the prototypes attend over the tokens (the clip branch: over every span of its clips)."""
+    def _prototypes(self, tok: dict) -> tuple[VideoEncoding, dict]:
+        """Per branch, the prototypes attend over the tokens (the clip branch: over every span of its clips).
+        Returns the stored prototypes and, per branch, the prototypes in the hidden space (the same ones unless
+        the read-out is "input": then the stored ones are the attention's weighted means of the unit input frames)."""
         frame_protos, attn = self.frame_prototypes(tok["frames"], tok["frame_mask"])
         frame_attn = attn @ tok["frame_pool"]
         clip_protos, attn = self.clip_prototypes(tok["clips"], None, spans=True)  # attends over all 528 spans
         clip_attn = (attn @ self.span_to_clip.to(attn.dtype)) @ tok["clip_bins"]
+        hidden = {"clip": clip_protos, "frame": frame_protos}
+        if self.cfg.prototype_readout == "input":
+            clip_protos, frame_protos = clip_attn @ tok["inputs"], frame_attn @ tok["inputs"]
         all_true = torch.ones(clip_protos.shape[:2], dtype=torch.bool, device=clip_protos.device)
-        return VideoEncoding(clip_protos, all_true, frame_protos, all_true.clone(), clip_attn, frame_attn)
+        return VideoEncoding(clip_protos, all_true, frame_protos, all_true.clone(), clip_attn, frame_attn), hidden
 
     def _encode_tokens(self, tokens: torch.Tensor, token_mask: torch.Tensor):
         """Query vectors per branch, plus the projected tokens and mask (targets of the masked reconstruction)."""
@@ -347,7 +363,7 @@ class ProtoPRVR(RetrievalModel):
         """Weighted sum of the enabled objectives (weight > 0); terms are reported weighted, by name."""
         w = self.loss_weights
         tok = self._video_tokens(batch.frames, batch.frame_mask)
-        videos = self._prototypes(tok)
+        videos, hidden = self._prototypes(tok)
         queries, projected, token_mask = self._encode_tokens(batch.tokens, batch.token_mask)
         vi, rows = batch.video_index, torch.arange(len(batch.video_index), device=batch.frames.device)
         protos = {"clip": videos.clip, "frame": videos.frame}
@@ -365,10 +381,10 @@ class ProtoPRVR(RetrievalModel):
             losses["nce"] = sum(infonce_loss(scores[b][0], vi, tau) if tau else
                                 infonce_loss(max_dot(query[b], protos[b]), vi) for b in BRANCHES)
         if w["crecon"] > 0:  # masked query tokens rebuilt from the retrieved prototype p* of the positive video
-            p_star = torch.stack([protos[b][vi, scores[b][1][rows, vi]] for b in BRANCHES])  # [2, Q, H]
+            p_star = torch.stack([hidden[b][vi, scores[b][1][rows, vi]] for b in BRANCHES])  # [2, Q, H]
             losses["crecon"] = self._cross_modal_reconstruction(projected, token_mask, p_star)
         if w["urecon"] > 0:  # all prototypes decoded and broadcast over the frames rebuild the features
-            losses["urecon"] = self._uni_modal_reconstruction(batch, videos)
+            losses["urecon"] = self._uni_modal_reconstruction(batch, videos, hidden)
         if w["attn"] > 0 and len(batch.frames) > 1:  # needs a partner video to mix with
             losses["attn"] = self._attention_guidance(batch, query)
         if w["ortho"] > 0:
@@ -404,7 +420,7 @@ class ProtoPRVR(RetrievalModel):
         target = projected[masked]
         return sum(L.masked_token_nce(r, target, self.crecon_temperature) for r in recon) / n_branches
 
-    def _uni_modal_reconstruction(self, batch: TrainBatch, videos: VideoEncoding) -> torch.Tensor:
+    def _uni_modal_reconstruction(self, batch: TrainBatch, videos: VideoEncoding, hidden: dict) -> torch.Tensor:
         """Per branch, decode every prototype with an MLP, broadcast over frames by attention, L2 to the frames.
 
         The target is the raw frame features normalised per frame (LayerNorm without affine), so the loss
@@ -412,8 +428,8 @@ class ProtoPRVR(RetrievalModel):
         """
         target = F.layer_norm(batch.frames, batch.frames.shape[-1:])
         loss = 0.0
-        for branch, protos, attn in zip(BRANCHES, (videos.clip, videos.frame), (videos.clip_attn, videos.frame_attn)):
-            recon = L.broadcast_reconstruction(self.urecon_decoder[branch](protos), attn)
+        for branch, attn in zip(BRANCHES, (videos.clip_attn, videos.frame_attn)):
+            recon = L.broadcast_reconstruction(self.urecon_decoder[branch](hidden[branch]), attn)
             loss = loss + L.reconstruction_l2(recon, target, batch.frame_mask)
         return loss / len(BRANCHES)
 

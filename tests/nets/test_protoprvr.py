@@ -217,11 +217,11 @@ def test_cross_modal_reconstruction_reads_only_the_retrieved_prototype():
     original = model._prototypes
 
     def encode_and_keep(*args):
-        enc = original(*args)
+        enc, hidden = original(*args)
         enc.clip.retain_grad()
         enc.frame.retain_grad()
         kept.append(enc)
-        return enc
+        return enc, hidden
 
     model._prototypes = encode_and_keep
     loss, _ = model(batch)
@@ -568,3 +568,26 @@ def test_mean_query_encoder_is_a_linear_map_of_the_normalised_mean_token():
     assert torch.isfinite(loss)
     with pytest.raises(UsageError, match="query_encoder"):
         tiny_model(query_encoder="lstm")
+
+
+def test_input_readout_prototypes_are_attention_weighted_means_of_the_unit_input_frames():
+    """prototype_readout 'input': each stored prototype is the last round's attention over the input frames applied to
+    the L2-normalised frame features, so prototypes and queries live in the input feature space (video_dim)."""
+    model = tiny_model(prototype_readout="input", query_encoder="mean", iterations=2).eval()
+    batch = tiny_batch()
+    enc = model.encode_videos(batch.frames, batch.frame_mask)
+    unit = torch.nn.functional.normalize(batch.frames.masked_fill(~batch.frame_mask[..., None], 0.0), dim=-1)
+    assert model.output_dim == VDIM and enc.clip.shape[-1] == enc.frame.shape[-1] == VDIM
+    assert torch.allclose(enc.clip, enc.clip_attn @ unit, atol=1e-6)
+    assert torch.allclose(enc.frame, enc.frame_attn @ unit, atol=1e-6)
+    assert torch.allclose(enc.frame_attn.sum(-1), torch.ones(enc.frame_attn.shape[:2]), atol=1e-5)
+    q = model.encode_queries(batch.tokens, batch.token_mask)
+    assert q.clip.shape == (len(batch.tokens), VDIM) and model.score(q, enc).shape == (len(batch.tokens), 4)
+    every_loss = {"nce": 1.0, "triplet": 1.0, "crecon": 0.1, "urecon": 1.0, "attn": 0.005, "ortho": 0.01}
+    trained = tiny_model(prototype_readout="input", query_encoder="mean", losses=every_loss)
+    loss, terms = trained(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and set(terms) == set(every_loss)
+    assert trained.frame_prototypes.init.grad is not None and trained.frame_proj[2].weight.grad is not None
+    with pytest.raises(UsageError, match="query_encoder 'mean'"):
+        tiny_model(prototype_readout="input")

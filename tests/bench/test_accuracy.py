@@ -12,7 +12,7 @@ from prvr_cli.bench.common import matching_flops
 from prvr_cli.training.feature_layouts import load_features
 from prvr_cli.errors import DataError
 
-from tests.helpers import synthetic, write_h5_dataset
+from tests.helpers import VIDEO_DIM, synthetic, write_h5_dataset
 
 SMALL = {
     "protoprvr": {"hidden_size": 16, "n_heads": 2, "ff_size": 16, "n_prototypes": 4, "n_clips": 4, "max_frames": 8},
@@ -75,8 +75,9 @@ def test_bench_accuracy_trains_measures_and_reuses(cli, tiny_bench, tmp_path):
     assert {label for t, label in rows if t == "prototypes"} == {"2", "4"}
     proto = rows[("methods", "protoprvr")]
     assert proto["vectors_per_video"] == 8                              # 4 prototypes x 2 branches
-    assert proto["bytes_per_video"] == 8 * 16 * 2                       # float16, hidden 16
-    assert proto["flops_per_query_per_video"] == matching_flops("protoprvr", 4, 4, 16)
+    # float16; the default preset stores prototypes in the input feature space (VIDEO_DIM), not hidden 16
+    assert proto["bytes_per_video"] == 8 * VIDEO_DIM * 2
+    assert proto["flops_per_query_per_video"] == matching_flops("protoprvr", 4, 4, VIDEO_DIM)
     assert set(proto["storage"]) == {"float32", "float16", "bfloat16", "int8"}
     assert proto["metrics"] == proto["storage"]["float16"]["metrics"]
     assert rows[("prototypes", "2")]["vectors_per_video"] == 4

@@ -56,6 +56,8 @@ def test_query_branch_matches_the_trained_model(encoder, tmp_path, query_encoder
     ckpt = tmp_path / "tiny.pt"
     config = load_config("protoprvr_anet")
     config["model"]["query_encoder"] = query_encoder
+    if query_encoder == "attention":   # input-space prototypes need mean-token queries
+        config["model"]["prototype_readout"] = "attention"
     model = create_model(config, video_dim=32, text_dim=32)
     save_checkpoint(ckpt, model, feature_source={})
     builder = TrainedPrototypes.load(ckpt, encoder.spec())

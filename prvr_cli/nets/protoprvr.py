@@ -287,7 +287,7 @@ class ProtoPRVR(RetrievalModel):
 
     # ------------------------------------------------------------------ encoding
     def encode_videos(self, frames: torch.Tensor, frame_mask: torch.Tensor | None = None) -> VideoEncoding:
-        """Prototypes [B, P, hidden] per branch and their attention over the input frames [B, P, T]."""
+        """Prototypes [B, P, output_dim] per branch and their attention over the input frames [B, P, T]."""
         return self._prototypes(self._video_tokens(frames, frame_mask))[0]
 
     def _video_tokens(self, frames: torch.Tensor, frame_mask: torch.Tensor | None) -> dict:
@@ -320,8 +320,10 @@ class ProtoPRVR(RetrievalModel):
             x_clips = self.clip_pos(self.clip_proj(bins @ frames))
             if self.clip_encoder is not None:
                 x_clips = self.clip_encoder(x_clips)
-        return {"frames": x_frames, "frame_mask": token_mask, "frame_pool": pool, "clips": x_clips, "clip_bins": bins,
-                "inputs": F.normalize(frames, dim=-1)}
+        tok = {"frames": x_frames, "frame_mask": token_mask, "frame_pool": pool, "clips": x_clips, "clip_bins": bins}
+        if self.cfg.prototype_readout == "input":   # what the stored prototypes average: the unit input frames
+            tok["inputs"] = F.normalize(frames, dim=-1)
+        return tok
 
     def _prototypes(self, tok: dict) -> tuple[VideoEncoding, dict]:
         """Per branch, the prototypes attend over the tokens (the clip branch: over every span of its clips).

@@ -28,7 +28,8 @@ Training objectives (formulas in `protoprvr_losses` and, for the retrieval pair,
 `retrieval_losses` shared with MS-SL / GMMFormer; each has a weight in cfg.losses, 0 turns it off):
     triplet  per branch, hinge ranking on cosine scores, both directions; random negatives before
              `hard_negative_start_epoch`, hard ones after (as MS-SL / GMMFormer)
-    nce      per branch, InfoNCE both directions on the max raw dot product (MS-SL's logits)
+    nce      per branch, InfoNCE both directions on the max raw dot product (MS-SL's logits), or on the max
+             cosine / nce_temperature; `negative_memory` adds earlier batches' prototypes as negatives (XBM)
     crecon   ~30% of the query tokens (after projection) replaced by a mask token; a decoder
              cross-attends to p* of the positive video alone, then self-attends; InfoNCE on cosine
              between reconstructed and original masked tokens of the batch (both branches' p*, averaged)
@@ -50,6 +51,7 @@ MSC's remedies for semantic collapse, each a switch (off by default; see `msc_lo
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -106,8 +108,14 @@ class ProtoPRVRConfig(BranchModelConfig):
                                         # "input": its attention applied to the input frame features themselves
     video_self_attention: bool = True   # False: the prototypes read the projected frames and clips unmixed
     query_encoder: str = "attention"    # or "mean": each branch's query is a linear map of the mean input token
+    negative_memory: int = 0            # > 0: the prototypes of this many earlier batches join InfoNCE as negatives
 
     def __post_init__(self):
+        if self.negative_memory < 0:
+            raise UsageError(f"model.negative_memory must be >= 0 (batches remembered), got {self.negative_memory}")
+        if self.negative_memory and not self.nce_temperature > 0:
+            raise UsageError("model.negative_memory needs model.nce_temperature > 0 (the memory's negatives are "
+                             "scored by cosine)")
         if self.prototype_attention not in ("keys", "competitive"):
             raise UsageError(f"model.prototype_attention {self.prototype_attention!r} is not supported; "
                              "use 'keys' or 'competitive'")
@@ -215,6 +223,38 @@ class PrototypeGenerator(nn.Module):
         return x, attn
 
 
+class NegativeMemory:
+    """Cross-batch memory (XBM: Wang et al., CVPR 2020): the prototypes of the last `size` training batches,
+    detached, with their videos' ids. A later batch's queries score them as extra InfoNCE negatives, so each
+    query sees (size + 1) x batch videos for the cost of one batch's encoding. A video's own copy, remembered
+    from an earlier epoch, is skipped by id. Training only; not saved in checkpoints (a resumed run starts empty).
+    """
+
+    def __init__(self, size: int):
+        self.entries: deque = deque(maxlen=size)
+
+    def scores(self, queries: dict, owners: torch.Tensor | None) -> dict | None:
+        """Per branch, each query's max cosine [Q, M] with every remembered video (-1e4 where it is its own video)."""
+        if not self.entries:
+            return None
+        out = {}
+        for b in BRANCHES:
+            protos = torch.cat([entry[b][0] for entry in self.entries])
+            masks = torch.cat([entry[b][1] for entry in self.entries])
+            out[b] = max_cosine(queries[b], protos, masks).values
+        if owners is not None:
+            ids = torch.cat([entry["ids"] for entry in self.entries])
+            own = owners[:, None] == ids[None]
+            out = {b: s.masked_fill(own, -1e4) for b, s in out.items()}
+        return out
+
+    def add(self, prototypes: dict, masks: dict, video_ids: torch.Tensor | None) -> None:
+        entry = {b: (prototypes[b].detach(), masks[b]) for b in BRANCHES}
+        entry["ids"] = (video_ids if video_ids is not None
+                        else torch.full((len(masks[BRANCHES[0]]),), -1)).to(masks[BRANCHES[0]].device)
+        self.entries.append(entry)
+
+
 def max_cosine(queries: torch.Tensor, prototypes: torch.Tensor, mask: torch.Tensor):
     """Max over each video's prototypes of the cosine similarity [Q, B] and the prototype reaching it, p* [Q, B]."""
     cos = torch.einsum("qd,bnd->qbn", F.normalize(queries, dim=-1), F.normalize(prototypes, dim=-1))
@@ -284,6 +324,7 @@ class ProtoPRVR(RetrievalModel):
             b: nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, video_dim)) for b in BRANCHES})
         if cfg.losses.cbva > 0:
             self.align_proj = nn.Linear(hidden, hidden)   # CBVA only: never used to encode
+        self.memory = NegativeMemory(cfg.negative_memory) if cfg.negative_memory else None
 
     # ------------------------------------------------------------------ encoding
     def encode_videos(self, frames: torch.Tensor, frame_mask: torch.Tensor | None = None) -> VideoEncoding:
@@ -380,8 +421,12 @@ class ProtoPRVR(RetrievalModel):
                                     for b in BRANCHES)
         if w["nce"] > 0:  # retrieval: InfoNCE per branch on raw dot products (as MS-SL), or on cosine / temperature
             tau = self.cfg.nce_temperature
-            losses["nce"] = sum(infonce_loss(scores[b][0], vi, tau) if tau else
+            owners = None if batch.video_ids is None else batch.video_ids.to(vi.device)[vi]
+            extra = self.memory.scores(query, owners) if self.memory is not None and self.training else None
+            losses["nce"] = sum(infonce_loss(scores[b][0], vi, tau, None if extra is None else extra[b]) if tau else
                                 infonce_loss(max_dot(query[b], protos[b]), vi) for b in BRANCHES)
+        if self.memory is not None and self.training:
+            self.memory.add(protos, masks, batch.video_ids)
         if w["crecon"] > 0:  # masked query tokens rebuilt from the retrieved prototype p* of the positive video
             p_star = torch.stack([hidden[b][vi, scores[b][1][rows, vi]] for b in BRANCHES])  # [2, Q, H]
             losses["crecon"] = self._cross_modal_reconstruction(projected, token_mask, p_star)

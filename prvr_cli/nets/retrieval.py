@@ -52,7 +52,8 @@ class TrainBatch:
 
     frames [B, T, Dv] with frame_mask [B, T]; tokens [Q, L, Dt] with token_mask [Q, L];
     video_index [Q] says which video of the batch each query describes; epoch is
-    the current epoch (hard-negative mining starts after a warm-up).
+    the current epoch (hard-negative mining starts after a warm-up); video_ids [B], when given, are
+    the videos' rows in their split (a memory of earlier batches uses them to skip a video's own copy).
     """
 
     frames: torch.Tensor
@@ -61,10 +62,12 @@ class TrainBatch:
     token_mask: torch.Tensor
     video_index: torch.Tensor
     epoch: int = 0
+    video_ids: torch.Tensor | None = None
 
     def to(self, device) -> "TrainBatch":
+        ids = None if self.video_ids is None else self.video_ids.to(device)
         return TrainBatch(self.frames.to(device), self.frame_mask.to(device), self.tokens.to(device),
-                          self.token_mask.to(device), self.video_index.to(device), self.epoch)
+                          self.token_mask.to(device), self.video_index.to(device), self.epoch, ids)
 
 
 class RetrievalModel(nn.Module):

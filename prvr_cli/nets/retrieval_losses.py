@@ -70,13 +70,17 @@ def triplet_loss(scores: torch.Tensor, video_index: torch.Tensor, margin: float,
     return loss + v2t.sum() / has_query.sum().clamp(min=1)
 
 
-def infonce_loss(scores: torch.Tensor, video_index: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
-    """Bidirectional InfoNCE; a video's queries are all positives in the video-to-text direction."""
+def infonce_loss(scores: torch.Tensor, video_index: torch.Tensor, temperature: float | None = None,
+                 extra_negatives: torch.Tensor | None = None) -> torch.Tensor:
+    """Bidirectional InfoNCE; a video's queries are all positives in the video-to-text direction.
+    `extra_negatives` [Q, M] (same scale as `scores`) join each query's text-to-video softmax only."""
     if temperature is not None:
         scores = scores / temperature
+        extra_negatives = None if extra_negatives is None else extra_negatives / temperature
     Q, B = scores.shape
     pos = positive_mask(video_index, B)
-    t2v = torch.logsumexp(scores, dim=1) - scores.gather(1, video_index.view(-1, 1)).squeeze(1)
+    row = scores if extra_negatives is None else torch.cat([scores, extra_negatives], dim=1)
+    t2v = torch.logsumexp(row, dim=1) - scores.gather(1, video_index.view(-1, 1)).squeeze(1)
     has_query = pos.any(0)
     neg_inf = torch.finfo(scores.dtype).min
     v2t_pos = torch.logsumexp(scores.masked_fill(~pos, neg_inf), dim=0)       # [B]

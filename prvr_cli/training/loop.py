@@ -80,7 +80,7 @@ def epoch_batches(split: Split, batch_videos: int, seed: int, epoch: int):
         frames, frame_mask = split.frames.batch(videos)
         queries, owner = split.queries_of(videos)
         tokens, token_mask = split.tokens.batch(queries)
-        yield TrainBatch(frames, frame_mask, tokens, token_mask, owner, epoch)
+        yield TrainBatch(frames, frame_mask, tokens, token_mask, owner, epoch, videos)
 
 
 def feature_source(data: PRVRData) -> dict:

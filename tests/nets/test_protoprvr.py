@@ -5,7 +5,7 @@ import torch
 from prvr_cli.nets import protoprvr_losses as L
 from prvr_cli.errors import UsageError
 from prvr_cli.nets.factory import create_model, load_checkpoint, load_config, override, save_checkpoint
-from prvr_cli.nets.protoprvr import PrototypeGenerator, ProtoPRVR, max_cosine, max_dot
+from prvr_cli.nets.protoprvr import NegativeMemory, PrototypeGenerator, ProtoPRVR, max_cosine, max_dot
 from prvr_cli.nets.retrieval import TrainBatch
 from prvr_cli.nets.retrieval_losses import infonce_loss, triplet_loss
 
@@ -593,3 +593,44 @@ def test_input_readout_prototypes_are_attention_weighted_means_of_the_unit_input
     assert trained.frame_prototypes.init.grad is not None and trained.frame_proj[2].weight.grad is not None
     with pytest.raises(UsageError, match="query_encoder 'mean'"):
         tiny_model(prototype_readout="input")
+
+
+def test_negative_memory_adds_earlier_batches_as_negatives_and_skips_a_videos_own_copy():
+    """negative_memory N: the queries' InfoNCE (text to video) also ranks the detached prototypes of the last N
+    training batches; a remembered copy of a query's own video is left out, and nothing is remembered in eval."""
+    off = {k: 0.0 for k in ["triplet", "crecon", "urecon", "attn", "ortho"]}
+    model = tiny_model(nce_temperature=0.05, negative_memory=2, losses={**off, "nce": 1.0}).train()
+    first = tiny_batch(seed=0)
+    first.video_ids = torch.tensor([10, 11, 12, 13])
+    model(first)
+    second = tiny_batch(seed=1)
+    second.video_ids = torch.tensor([20, 21, 12, 23])    # video 12 again, as in a new epoch
+    _, terms = model(second)
+    q = model.encode_queries(second.tokens, second.token_mask)
+    v = model.encode_videos(second.frames, second.frame_mask)
+    remembered = model.memory.entries[0]
+    expected = 0.0
+    for b, qb, pb, mb in (("clip", q.clip, v.clip, v.clip_mask), ("frame", q.frame, v.frame, v.frame_mask)):
+        extra = max_cosine(qb, *remembered[b]).values
+        extra[second.video_index == 2, 2] = -1e4           # the queries of video 12 skip its remembered copy
+        expected = expected + infonce_loss(max_cosine(qb, pb, mb).values / 0.05, second.video_index,
+                                           extra_negatives=extra / 0.05)
+    assert terms["nce"] == pytest.approx(expected.item(), rel=1e-5)
+    # the memory keeps the last N batches, detached; eval mode neither reads nor fills it
+    model(tiny_batch(seed=2))
+    assert len(model.memory.entries) == 2 and not model.memory.entries[-1]["clip"][0].requires_grad
+    model.eval()
+    _, eval_terms = model(second)
+    plain = tiny_model(nce_temperature=0.05, losses={**off, "nce": 1.0})
+    plain.load_state_dict(model.state_dict())
+    assert eval_terms["nce"] == pytest.approx(plain.eval()(second)[1]["nce"], rel=1e-6)
+    assert len(model.memory.entries) == 2
+
+
+def test_negative_memory_is_empty_at_first_and_needs_a_cosine_temperature():
+    memory = NegativeMemory(3)
+    assert memory.scores({"clip": torch.zeros(2, 4), "frame": torch.zeros(2, 4)}, None) is None
+    with pytest.raises(UsageError, match="nce_temperature"):
+        tiny_model(negative_memory=4)
+    with pytest.raises(UsageError, match="negative_memory"):
+        tiny_model(nce_temperature=0.05, negative_memory=-1)

@@ -54,6 +54,16 @@ def test_infonce_hand_case():
     assert RL.infonce_loss(s * 10, VIDX, temperature=10.0).item() == pytest.approx(t2v + v2t, abs=1e-5)
 
 
+def test_infonce_extra_negatives_join_the_text_to_video_softmax_only():
+    s = torch.tensor([[1.0, 0.0], [0.5, 2.0], [0.0, 1.0]])
+    extra = torch.tensor([[0.3], [-1.0], [0.8]])
+    t2v = ((lse(1, 0, 0.3) - 1) + (lse(0.5, 2, -1.0) - 0.5) + (lse(0, 1, 0.8) - 1)) / 3
+    v2t = ((lse(1, 0.5, 0) - lse(1, 0.5)) + (lse(0, 2, 1) - 1)) / 2
+    assert RL.infonce_loss(s, VIDX, extra_negatives=extra).item() == pytest.approx(t2v + v2t, abs=1e-5)
+    # the temperature divides them as well
+    assert RL.infonce_loss(s * 10, VIDX, 10.0, extra * 10).item() == pytest.approx(t2v + v2t, abs=1e-5)
+
+
 def test_paired_infonce_hand_case():
     a, b, c, d = 1.0, 0.2, -0.5, 0.7
     s = torch.tensor([[a, b], [c, d]])

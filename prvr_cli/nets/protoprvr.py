@@ -242,17 +242,13 @@ class NegativeMemory:
             protos = torch.cat([entry[b][0] for entry in self.entries])
             masks = torch.cat([entry[b][1] for entry in self.entries])
             out[b] = max_cosine(queries[b], protos, masks).values
-        if owners is not None:
-            ids = torch.cat([entry["ids"] for entry in self.entries])
-            own = owners[:, None] == ids[None]
+        if owners is not None and all(entry["ids"] is not None for entry in self.entries):
+            own = owners[:, None] == torch.cat([entry["ids"] for entry in self.entries]).to(owners.device)[None]
             out = {b: s.masked_fill(own, -1e4) for b, s in out.items()}
         return out
 
     def add(self, prototypes: dict, masks: dict, video_ids: torch.Tensor | None) -> None:
-        entry = {b: (prototypes[b].detach(), masks[b]) for b in BRANCHES}
-        entry["ids"] = (video_ids if video_ids is not None
-                        else torch.full((len(masks[BRANCHES[0]]),), -1)).to(masks[BRANCHES[0]].device)
-        self.entries.append(entry)
+        self.entries.append({**{b: (prototypes[b].detach(), masks[b]) for b in BRANCHES}, "ids": video_ids})
 
 
 def max_cosine(queries: torch.Tensor, prototypes: torch.Tensor, mask: torch.Tensor):

@@ -85,6 +85,7 @@ from prvr_cli.index.ann import AnnCandidates, AnnSettings
 from prvr_cli.index.matrices import PrototypeFile
 from prvr_cli.index.search import rank
 folder, mode, probe, depth, k = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+cold = sys.argv[6] == "cold"
 queries = np.load(folder + "/queries.npz")
 clip, frame = PrototypeFile(folder + "/proto_clip.npy"), PrototypeFile(folder + "/proto_frame.npy")
 paths = json.load(open(folder + "/videos.json"))["paths"]
@@ -92,6 +93,9 @@ ann = AnnCandidates.open(__import__("pathlib").Path(folder)) if mode == "ann" el
 settings = AnnSettings(probe, depth)
 times, tops = [], []
 for qc, qf in zip(queries["clip"], queries["frame"]):
+    if cold:   # a library larger than memory: no prototype page stays cached between queries
+        for f in (clip, frame):
+            __import__("os").posix_fadvise(f.file.fileno(), 0, 0, __import__("os").POSIX_FADV_DONTNEED)
     start = time.perf_counter()
     hits = rank(paths, clip, frame, qc[None], qf[None], (0.7, 0.3), k, ann=ann, ann_settings=settings)[0]
     times.append(time.perf_counter() - start)
@@ -101,17 +105,21 @@ print(json.dumps({"times": times, "tops": tops, "peak_rss_mib": hwm / 1024}))
 """
 
 
-def run_searches(folder: Path, mode: str, probe: int, depth: int, k: int = 10) -> dict:
-    out = subprocess.run([sys.executable, "-c", SEARCHES, str(folder), mode, str(probe), str(depth), str(k)],
+def run_searches(folder: Path, mode: str, probe: int, depth: int, k: int = 10, cold: bool = False) -> dict:
+    """One process's searches of every query; `cold`: each query finds no prototype page in the file cache."""
+    out = subprocess.run([sys.executable, "-c", SEARCHES, str(folder), mode, str(probe), str(depth), str(k),
+                          "cold" if cold else "warm"],
                          capture_output=True, text=True, check=True, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
     return json.loads(out.stdout)
 
 
 def bench_ann(sizes: list[int], checkpoint: Path, benchmark, folder: Path, n_queries: int = 200,
-              probes=(16, 32), depths=(256, 512), seed: int = 0, progress=None) -> dict:
+              probes=(16, 32), depths=(256, 512), seed: int = 0, progress=None, cold: bool = False) -> dict:
     """Recall@10 against exact search, latency, peak memory and build time of the candidates, per size.
 
-    `benchmark()` loads the dataset the checkpoint encodes (only when its encoding is not kept in `folder`)."""
+    `benchmark()` loads the dataset the checkpoint encodes (only when its encoding is not kept in `folder`).
+    With `cold`, the candidates' searches are also timed with the prototype files evicted from the file cache
+    before each query: what a library whose search cache is larger than memory sees."""
     from ..index import ann
     from ..index.matrices import PrototypeFile
 
@@ -149,10 +157,13 @@ def bench_ann(sizes: list[int], checkpoint: Path, benchmark, folder: Path, n_que
                 recall = np.mean([len(set(a) & set(e)) / max(1, len(e)) for a, e in zip(got["tops"], exact["tops"])])
                 cell["ann"].append({"probe": probe, "depth": depth, "recall_at_10": round(float(recall), 4),
                                     **_timing(got)})
+                if cold:
+                    say(f"{n} videos: candidates, probe {probe}, depth {depth}, prototypes not in the file cache")
+                    cell["ann"][-1]["cold"] = _timing(run_searches(lib, "ann", probe, depth, cold=True))
         cells.append(cell)
     return {"checkpoint": str(checkpoint), "queries": int(len(pick)), "sources_per_video": SOURCES,
             "jitter": JITTER, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "load_average": load_average(), "cells": cells}
+            "load_average": load_average(), "cold": cold, "cells": cells}
 
 
 def _timing(result: dict) -> dict:

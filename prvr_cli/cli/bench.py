@@ -78,6 +78,8 @@ def search_cmd(
     feature: str = typer.Option("cg", "--feature", help="With --ann: the video feature name."),
     probes: str = typer.Option("16,32,64", "--probes", help="With --ann: centroids probed per branch."),
     depths: str = typer.Option("128,256", "--depths", help="With --ann: candidates scored exactly per query."),
+    cold: bool = typer.Option(False, "--cold", help="With --ann: also time the candidates with the prototype files "
+                              "evicted from the file cache before each query (a library larger than memory)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
 ):
     """Query latency against corpus size for each method's exact scoring (synthetic stored vectors)."""
@@ -87,7 +89,8 @@ def search_cmd(
         raise UsageError(f"--plot {plot}: give a .png file name")
     if ann:
         _bench_ann(_int_list(sizes, "--sizes"), checkpoint, data, collection, feature, _int_list(probes, "--probes"),
-                   _int_list(depths, "--depths"), folder or settings.cache_home() / "bench-ann", queries, seed, as_json)
+                   _int_list(depths, "--depths"), folder or settings.cache_home() / "bench-ann", queries, seed, as_json,
+                   cold)
         return
     if end_to_end:
         from ..bench.end_to_end import bench_end_to_end
@@ -117,7 +120,8 @@ def search_cmd(
     write_line(json.dumps(result)) if as_json else _print_search(result)
 
 
-def _bench_ann(sizes, checkpoint, data, collection, feature, probes, depths, folder, queries, seed, as_json) -> None:
+def _bench_ann(sizes, checkpoint, data, collection, feature, probes, depths, folder, queries, seed, as_json,
+               cold) -> None:
     from ..bench.ann import bench_ann
     from ..training.feature_layouts import load_features
 
@@ -130,7 +134,7 @@ def _bench_ann(sizes, checkpoint, data, collection, feature, probes, depths, fol
         _say(f"loading {data} ({collection}/{feature})")
         return load_features(data, collection, feature)
 
-    result = bench_ann(sizes, checkpoint, benchmark, folder, queries, probes, depths, seed, progress=_say)
+    result = bench_ann(sizes, checkpoint, benchmark, folder, queries, probes, depths, seed, progress=_say, cold=cold)
     if as_json:
         write_line(json.dumps(result))
         return
@@ -138,8 +142,12 @@ def _bench_ann(sizes, checkpoint, data, collection, feature, probes, depths, fol
     for c in result["cells"]:
         rows.append([c["n_videos"], "exact", "-", "-", "1", c["exact"]["p50_ms"], c["exact"]["p99_ms"],
                      c["exact"]["peak_rss_mib"], "-", c["cache_mib"]])
-        rows += [[c["n_videos"], "candidates", a["probe"], a["depth"], a["recall_at_10"], a["p50_ms"], a["p99_ms"],
-                  a["peak_rss_mib"], c["build_s"], c["ann_mib"]] for a in c["ann"]]
+        for a in c["ann"]:
+            rows.append([c["n_videos"], "candidates", a["probe"], a["depth"], a["recall_at_10"], a["p50_ms"],
+                         a["p99_ms"], a["peak_rss_mib"], c["build_s"], c["ann_mib"]])
+            if "cold" in a:
+                rows.append([c["n_videos"], "candidates, cold", a["probe"], a["depth"], a["recall_at_10"],
+                             a["cold"]["p50_ms"], a["cold"]["p99_ms"], a["cold"]["peak_rss_mib"], "-", "-"])
     _table(["videos", "search", "probe", "depth", "recall@10", "p50 ms", "p99 ms", "peak MiB", "build s",
             "MiB on disk"], rows)
     write_line(f"{result['queries']} queries; load average {result['load_average']}")

@@ -180,5 +180,6 @@ def test_bench_search_ann_reports_recall_latency_and_memory(cli, tmp_path):
         assert [(a["probe"], a["depth"]) for a in cell["ann"]] == [(2, 400), (64, 400)]
         assert cell["ann"][1]["recall_at_10"] == 1.0          # every centroid probed and every video scored: exact
         assert 0 <= cell["ann"][0]["recall_at_10"] <= 1
-    code, out, _ = cli(*args, index=False)                     # the encoding and the libraries are reused
-    assert code == 0 and "candidates" in out and "recall@10" in out
+    assert all("cold" not in a for cell in result["cells"] for a in cell["ann"])
+    code, out, _ = cli(*args, "--cold", index=False)           # the encoding and the libraries are reused
+    assert code == 0 and "candidates, cold" in out and "recall@10" in out

@@ -51,7 +51,6 @@ MSC's remedies for semantic collapse, each a switch (off by default; see `msc_lo
 """
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -110,7 +109,6 @@ class ProtoPRVRConfig(BranchModelConfig):
     video_self_attention: bool = True   # False: the prototypes read the projected frames and clips unmixed
     query_encoder: str = "attention"    # or "mean": each branch's query is a linear map of the mean input token
     negative_memory: int = 0            # > 0: the prototypes of this many earlier batches join InfoNCE as negatives
-    anchored_frames: bool = False       # frame-branch prototypes get evenly spaced time anchors (a Gaussian bias)
 
     def __post_init__(self):
         if self.negative_memory < 0:
@@ -153,8 +151,8 @@ class CrossAttentionBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, queries, keys, key_mask=None, spans: bool = False, competitive: bool = False,
-                readout: bool = False, bias=None):
-        """Attend from `queries` [B, Nq, D] to `keys` [B, Nk, D]; `bias` [B, Nq, Nk] is added to every head's logits.
+                readout: bool = False):
+        """Attend from `queries` [B, Nq, D] to `keys` [B, Nk, D].
 
         With `readout=True` the first output is the attention read-out alone (the output projection of
         the weighted values), before the residual, the LayerNorm and the FFN: a linear map of a convex
@@ -178,8 +176,6 @@ class CrossAttentionBlock(nn.Module):
             k, v = span_means(k), span_means(v)
         split = lambda t: t.view(n_batch, t.shape[1], heads, head_dim).transpose(1, 2)  # noqa: E731
         scores = split(F.linear(queries, w_q, b_q)) @ split(k).transpose(-1, -2) / head_dim ** 0.5
-        if bias is not None:
-            scores = scores + bias[:, None]
         if key_mask is not None:
             scores = scores.masked_fill(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
         if competitive:
@@ -206,7 +202,7 @@ class PrototypeGenerator(nn.Module):
     """
 
     def __init__(self, n_prototypes: int, dim: int, heads: int, ff_dim: int, iterations: int, dropout: float,
-                 competitive: bool = False, readout: bool = False, anchored: bool = False):
+                 competitive: bool = False, readout: bool = False):
         super().__init__()
         if iterations < 1 or n_prototypes < 1:
             raise UsageError(f"protoprvr needs n_prototypes >= 1 and iterations >= 1, "
@@ -216,31 +212,14 @@ class PrototypeGenerator(nn.Module):
         self.iterations = iterations
         self.competitive = competitive
         self.readout = readout     # the last round returns its attention read-out (see CrossAttentionBlock)
-        if anchored:   # prototype i is anchored at time (i + 0.5) / P of the video, one anchor spacing wide at first
-            self.register_buffer("anchors", (torch.arange(n_prototypes) + 0.5) / n_prototypes, persistent=False)
-            self.log_width = nn.Parameter(torch.full((n_prototypes,), -math.log(n_prototypes)))
-        self.anchored = anchored
-
-    def time_bias(self, mask: torch.Tensor) -> torch.Tensor:
-        """[B, P, N] Gaussian log-prior of each prototype on each token by their distance in the video's
-        relative time: token j of a video with L valid tokens sits at (j + 0.5) / L."""
-        lengths = mask.sum(1, keepdim=True).clamp(min=1).to(self.log_width.dtype)
-        times = (torch.arange(mask.shape[1], device=mask.device) + 0.5) / lengths          # [B, N]
-        gap = (times[:, None, :] - self.anchors[None, :, None]) / self.log_width.exp()[None, :, None]
-        return -0.5 * gap ** 2
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None,
                 spans: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """With `spans=True` the tokens are clip tokens and the prototypes attend over all their spans."""
         x = self.init.to(tokens.dtype).unsqueeze(0).expand(tokens.shape[0], -1, -1)
-        bias = None
-        if self.anchored:
-            if spans or mask is None:
-                raise ValueError("time anchors need frame tokens with their mask")
-            bias = self.time_bias(mask).to(tokens.dtype)
         for round_ in range(self.iterations):
             last = round_ == self.iterations - 1
-            x, attn = self.block(x, tokens, mask, spans, self.competitive, self.readout and last, bias)
+            x, attn = self.block(x, tokens, mask, spans, self.competitive, self.readout and last)
         return x, attn
 
 
@@ -308,16 +287,15 @@ class ProtoPRVR(RetrievalModel):
         def encoder_layer():
             return nn.TransformerEncoderLayer(hidden, heads, ff_dim, dropout, batch_first=True)
 
-        def prototypes(anchored=False):
+        def prototypes():
             return PrototypeGenerator(n_prototypes, hidden, heads, ff_dim, iterations, dropout,
-                                      cfg.prototype_attention == "competitive", cfg.prototype_readout != "block",
-                                      anchored)
+                                      cfg.prototype_attention == "competitive", cfg.prototype_readout != "block")
 
         # video branches
         self.frame_proj = InputProjection(video_dim, hidden, dropout)
         self.frame_pos = LearnedPositions(self.max_frames, hidden, dropout)
         mixing = encoder_layer if cfg.video_self_attention else (lambda: None)
-        self.frame_encoder, self.frame_prototypes = mixing(), prototypes(cfg.anchored_frames)
+        self.frame_encoder, self.frame_prototypes = mixing(), prototypes()
         self.clip_proj = InputProjection(video_dim, hidden, dropout)
         self.clip_pos = LearnedPositions(self.n_clips, hidden, dropout)
         self.clip_encoder, self.clip_prototypes = mixing(), prototypes()

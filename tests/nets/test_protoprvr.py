@@ -634,33 +634,3 @@ def test_negative_memory_is_empty_at_first_and_needs_a_cosine_temperature():
         tiny_model(negative_memory=4)
     with pytest.raises(UsageError, match="negative_memory"):
         tiny_model(nce_temperature=0.05, negative_memory=-1)
-
-
-def test_time_anchor_bias_is_a_gaussian_in_each_videos_relative_time():
-    gen = PrototypeGenerator(4, 16, 2, 32, 1, 0.0, anchored=True).double()
-    with torch.no_grad():
-        gen.log_width.copy_(torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)))
-    mask = torch.tensor([[True] * 5, [True] * 2 + [False] * 3])
-    bias = gen.time_bias(mask)
-    for b, length in enumerate((5, 2)):
-        for i in range(4):
-            for j in range(5):
-                gap = (j + 0.5) / length - (i + 0.5) / 4
-                assert bias[b, i, j].item() == pytest.approx(-0.5 * (gap / (0.1 * (i + 1))) ** 2)
-
-
-def test_narrow_time_anchors_store_every_frame_of_a_short_video():
-    """With the anchors' widths shrunk, a video with no more tokens than prototypes keeps every token: each token
-    is the one attended by the prototypes anchored nearest to it, and padding gets nothing."""
-    model = tiny_model(anchored_frames=True, prototype_readout="input", query_encoder="mean", max_frames=20).eval()
-    with torch.no_grad():
-        model.frame_prototypes.log_width.fill_(-12.0)
-    frames = torch.randn(2, 5, VDIM)
-    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
-    attn = model.encode_videos(frames, mask).frame_attn
-    assert torch.equal(attn[0].argmax(-1), torch.arange(5))
-    assert set(attn[1].argmax(-1).tolist()) == {0, 1, 2} and (attn[1, :, 3:] == 0).all()
-    assert torch.allclose(attn.max(-1).values, torch.ones(2, 5), atol=1e-4)
-    loss, _ = tiny_model(anchored_frames=True)(tiny_batch())
-    loss.backward()
-    assert torch.isfinite(loss)

@@ -109,6 +109,7 @@ class ProtoPRVRConfig(BranchModelConfig):
     video_self_attention: bool = True   # False: the prototypes read the projected frames and clips unmixed
     query_encoder: str = "attention"    # or "mean": each branch's query is a linear map of the mean input token
     negative_memory: int = 0            # > 0: the prototypes of this many earlier batches join InfoNCE as negatives
+    nce_video_to_text: bool = True      # False: InfoNCE ranks videos for each query only (as the linear probe)
 
     def __post_init__(self):
         if self.negative_memory < 0:
@@ -419,8 +420,10 @@ class ProtoPRVR(RetrievalModel):
             tau = self.cfg.nce_temperature
             owners = None if batch.video_ids is None else batch.video_ids.to(vi.device)[vi]
             extra = self.memory.scores(query, owners) if self.memory is not None and self.training else None
-            losses["nce"] = sum(infonce_loss(scores[b][0], vi, tau, None if extra is None else extra[b]) if tau else
-                                infonce_loss(max_dot(query[b], protos[b]), vi) for b in BRANCHES)
+            both = self.cfg.nce_video_to_text
+            losses["nce"] = sum(infonce_loss(scores[b][0], vi, tau, None if extra is None else extra[b], both) if tau
+                                else infonce_loss(max_dot(query[b], protos[b]), vi, video_to_text=both)
+                                for b in BRANCHES)
         if self.memory is not None and self.training:
             self.memory.add(protos, masks, batch.video_ids)
         if w["crecon"] > 0:  # masked query tokens rebuilt from the retrieved prototype p* of the positive video

@@ -71,9 +71,10 @@ def triplet_loss(scores: torch.Tensor, video_index: torch.Tensor, margin: float,
 
 
 def infonce_loss(scores: torch.Tensor, video_index: torch.Tensor, temperature: float | None = None,
-                 extra_negatives: torch.Tensor | None = None) -> torch.Tensor:
+                 extra_negatives: torch.Tensor | None = None, video_to_text: bool = True) -> torch.Tensor:
     """Bidirectional InfoNCE; a video's queries are all positives in the video-to-text direction.
-    `extra_negatives` [Q, M] (same scale as `scores`) join each query's text-to-video softmax only."""
+    `extra_negatives` [Q, M] (same scale as `scores`) join each query's text-to-video softmax only.
+    `video_to_text=False` keeps the text-to-video term alone (the retrieval task's direction)."""
     if temperature is not None:
         scores = scores / temperature
         extra_negatives = None if extra_negatives is None else extra_negatives / temperature
@@ -81,6 +82,8 @@ def infonce_loss(scores: torch.Tensor, video_index: torch.Tensor, temperature: f
     pos = positive_mask(video_index, B)
     row = scores if extra_negatives is None else torch.cat([scores, extra_negatives], dim=1)
     t2v = torch.logsumexp(row, dim=1) - scores.gather(1, video_index.view(-1, 1)).squeeze(1)
+    if not video_to_text:
+        return t2v.mean()
     has_query = pos.any(0)
     neg_inf = torch.finfo(scores.dtype).min
     v2t_pos = torch.logsumexp(scores.masked_fill(~pos, neg_inf), dim=0)       # [B]

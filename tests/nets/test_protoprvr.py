@@ -1,6 +1,7 @@
 """ProtoPRVR model: shapes, masks, prototype cross-attention, attention maps, loss switches, training."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from prvr_cli.nets import protoprvr_losses as L
 from prvr_cli.errors import UsageError
@@ -475,6 +476,12 @@ def test_nce_temperature_scores_the_max_cosine():
     q = model.encode_queries(batch.tokens, batch.token_mask)
     v = model.encode_videos(batch.frames, batch.frame_mask)
     expected = sum(infonce_loss(max_cosine(qb, pb, mb).values / 0.05, batch.video_index)
+                   for qb, pb, mb in ((q.clip, v.clip, v.clip_mask), (q.frame, v.frame, v.frame_mask)))
+    assert terms["nce"] == pytest.approx(expected.item(), rel=1e-5)
+    # model.nce_video_to_text=false: each branch's term is the text-to-video cross-entropy alone
+    one_way = tiny_model(nce_temperature=0.05, nce_video_to_text=False, losses={**off, "nce": 1.0}).eval()
+    _, terms = one_way(batch)
+    expected = sum(F.cross_entropy(max_cosine(qb, pb, mb).values / 0.05, batch.video_index)
                    for qb, pb, mb in ((q.clip, v.clip, v.clip_mask), (q.frame, v.frame, v.frame_mask)))
     assert terms["nce"] == pytest.approx(expected.item(), rel=1e-5)
 

@@ -62,6 +62,8 @@ def test_infonce_extra_negatives_join_the_text_to_video_softmax_only():
     assert RL.infonce_loss(s, VIDX, extra_negatives=extra).item() == pytest.approx(t2v + v2t, abs=1e-5)
     # the temperature divides them as well
     assert RL.infonce_loss(s * 10, VIDX, 10.0, extra * 10).item() == pytest.approx(t2v + v2t, abs=1e-5)
+    # without the video-to-text direction only the queries' softmax over videos is left
+    assert RL.infonce_loss(s, VIDX, extra_negatives=extra, video_to_text=False).item() == pytest.approx(t2v, abs=1e-5)
 
 
 def test_paired_infonce_hand_case():

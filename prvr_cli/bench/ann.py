@@ -157,9 +157,9 @@ def bench_ann(sizes: list[int], checkpoint: Path, benchmark, folder: Path, n_que
                 recall = np.mean([len(set(a) & set(e)) / max(1, len(e)) for a, e in zip(got["tops"], exact["tops"])])
                 cell["ann"].append({"probe": probe, "depth": depth, "recall_at_10": round(float(recall), 4),
                                     **_timing(got)})
-                if cold:
-                    say(f"{n} videos: candidates, probe {probe}, depth {depth}, prototypes not in the file cache")
-                    cell["ann"][-1]["cold"] = _timing(run_searches(lib, "ann", probe, depth, cold=True))
+        for row in cell["ann"] if cold else []:   # after every warm row: each cold run empties the file cache
+            say(f"{n} videos: candidates, probe {row['probe']}, depth {row['depth']}, prototypes not in the file cache")
+            row["cold"] = _timing(run_searches(lib, "ann", row["probe"], row["depth"], cold=True))
         cells.append(cell)
     return {"checkpoint": str(checkpoint), "queries": int(len(pick)), "sources_per_video": SOURCES,
             "jitter": JITTER, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -98,6 +98,16 @@ class PrototypeFile:
         """float32 prototypes of the given videos (index or array of indices)."""
         return from_bfloat16(np.asarray(self.mapped()[videos]))
 
+    def prefetch(self, videos: np.ndarray) -> None:
+        """Ask the kernel to read the given videos' rows now, all at once. A gather through the memory map faults
+        their pages in one by one; on a file larger than the file cache that cost 2 s for 256 videos here, against
+        25 ms with this hint first (docs/scaling.md)."""
+        if not hasattr(os, "posix_fadvise") or not len(videos):
+            return
+        row = int(np.prod(self.shape[1:])) * 2
+        for video in np.asarray(videos).ravel():
+            os.posix_fadvise(self.file.fileno(), self.offset + int(video) * row, row, os.POSIX_FADV_WILLNEED)
+
     def blocks(self, rows: int):
         """(first video, float32 block [n, Lp, D]) over the whole matrix; the block's buffer is reused."""
         n, lp, d = self.shape

@@ -167,6 +167,8 @@ def _candidate_scores(ann, settings, clip_side, frame_side, weights, k: int, exc
         videos = ann.candidates(q_clip[qi], q_frame[qi], weights, settings, excluded)
         if len(videos) < min(k, int((~excluded).sum())):
             return None
+        for protos in (clip, frame):   # a library larger than memory: start every candidate's read at once
+            getattr(protos, "prefetch", lambda videos: None)(videos)
         s_clip[qi, videos], a_clip[qi, videos] = exact_scores(clip, videos, q_clip[qi])
         s_frame[qi, videos], a_frame[qi, videos] = exact_scores(frame, videos, q_frame[qi])
         total[qi, videos] = weights[0] * s_clip[qi, videos] + weights[1] * s_frame[qi, videos]

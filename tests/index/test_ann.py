@@ -183,3 +183,34 @@ def test_bench_search_ann_reports_recall_latency_and_memory(cli, tmp_path):
     assert all("cold" not in a for cell in result["cells"] for a in cell["ann"])
     code, out, _ = cli(*args, "--cold", index=False)           # the encoding and the libraries are reused
     assert code == 0 and "candidates, cold" in out and "recall@10" in out
+
+
+def test_candidates_read_from_cache_files_are_prefetched_and_rank_as_in_memory(tmp_path):
+    """Over the bfloat16 cache files, each query's candidates are prefetched (both branches, every candidate) before
+    they are scored, and the hits equal those of the same values held in memory."""
+    from prvr_cli.index.matrices import PrototypeFile, from_bfloat16, to_bfloat16
+
+    clip, frame, q_clip, q_frame = clustered(1500)
+    asked = []
+
+    class Recording(PrototypeFile):
+        def prefetch(self, videos):
+            asked.append(np.asarray(videos).copy())
+            super().prefetch(videos)
+
+    for name, protos in (("clip", clip), ("frame", frame)):
+        np.save(tmp_path / f"proto_{name}.npy", to_bfloat16(protos))
+    files = [Recording(tmp_path / f"proto_{name}.npy") for name in ("clip", "frame")]
+    arrays = [from_bfloat16(to_bfloat16(p)) for p in (clip, frame)]
+    ann.build(tmp_path, *arrays)
+    layout, settings = ann.AnnCandidates.open(tmp_path), ann.AnnSettings(8, 100)
+    paths = [f"/v/{i}.mp4" for i in range(1500)]
+    from_files = rank(paths, *files, q_clip[:4], q_frame[:4], WEIGHTS, 10, ann=layout, ann_settings=settings)
+    in_memory = rank(paths, *arrays, q_clip[:4], q_frame[:4], WEIGHTS, 10, ann=layout, ann_settings=settings)
+    assert [[(h.video, h.score) for h in row] for row in from_files] == \
+        [[(h.video, h.score) for h in row] for row in in_memory]
+    assert len(asked) == 8 and all(len(a) == 100 for a in asked)
+    for qi in range(4):
+        want = layout.candidates(q_clip[qi], q_frame[qi], WEIGHTS, settings, np.zeros(1500, bool))
+        assert np.array_equal(asked[2 * qi], want) and np.array_equal(asked[2 * qi + 1], want)
+        assert {h.video for h in from_files[qi]} <= set(want.tolist())

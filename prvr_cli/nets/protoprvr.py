@@ -112,6 +112,7 @@ class ProtoPRVRConfig(BranchModelConfig):
     video_self_attention: bool = True   # False: the prototypes read the projected frames and clips unmixed
     query_encoder: str = "attention"    # or "mean": each branch's query is a linear map of the mean input token
     negative_memory: int = 0            # > 0: the prototypes of this many earlier batches join InfoNCE as negatives
+    negative_memory_start_epoch: int = 0    # the memory's negatives count from this epoch on (0-based; XBM's warm-up)
     nce_video_to_text: bool = True      # False: InfoNCE ranks videos for each query only (as the linear probe)
     frames_when_they_fit: bool = False  # a video with no more frame tokens than prototypes stores its frames as its
                                         # frame-branch prototypes (each repeated evenly over the slots)
@@ -437,7 +438,8 @@ class ProtoPRVR(RetrievalModel):
         if w["nce"] > 0:  # retrieval: InfoNCE per branch on raw dot products (as MS-SL), or on cosine / temperature
             tau = self.cfg.nce_temperature
             owners = None if batch.video_ids is None else batch.video_ids.to(vi.device)[vi]
-            extra = self.memory.scores(query, owners) if self.memory is not None and self.training else None
+            use_memory = self.memory is not None and self.training and batch.epoch >= self.cfg.negative_memory_start_epoch
+            extra = self.memory.scores(query, owners) if use_memory else None
             both = self.cfg.nce_video_to_text
             losses["nce"] = sum(infonce_loss(scores[b][0], vi, tau, None if extra is None else extra[b], both) if tau
                                 else infonce_loss(max_dot(query[b], protos[b]), vi, video_to_text=both)

@@ -669,3 +669,16 @@ def test_frames_when_they_fit_stores_a_short_videos_frames_and_leaves_long_ones_
     loss, terms = tiny_model(frames_when_they_fit=True, **changes)(tiny_batch())
     loss.backward()
     assert torch.isfinite(loss) and "urecon" in terms
+
+
+def test_negative_memory_fills_during_its_warm_up_but_counts_only_from_its_start_epoch():
+    off = {k: 0.0 for k in ["triplet", "crecon", "urecon", "attn", "ortho"]}
+    model = tiny_model(nce_temperature=0.05, negative_memory=2, negative_memory_start_epoch=1,
+                       losses={**off, "nce": 1.0}).train()
+    plain = tiny_model(nce_temperature=0.05, losses={**off, "nce": 1.0}).train()
+    model(tiny_batch(seed=0, epoch=0))
+    warm_up = tiny_batch(seed=1, epoch=0)
+    assert model(warm_up)[1]["nce"] == pytest.approx(plain(warm_up)[1]["nce"], rel=1e-6)   # read in epoch 0: no
+    assert len(model.memory.entries) == 2                                                 # filled: yes
+    later = tiny_batch(seed=1, epoch=1)
+    assert model(later)[1]["nce"] > plain(later)[1]["nce"] + 1e-4                         # extra negatives now

@@ -20,9 +20,6 @@ What a prototype stores is the last round's output (`prototype_readout`): the bl
 alone, or ("input") that attention applied to the unit-length input frame features, so the prototypes are weighted
 means of real frame features and the queries are mapped into the input feature space.
 
-With `frames_when_they_fit`, a video with no more frame tokens than prototypes stores those frames themselves as
-its frame-branch prototypes (each repeated evenly over the slots): nothing is averaged away where nothing needs to be.
-
 Score per branch: max over the video's prototypes of cosine similarity; final score
 `clip_weight * s_clip + frame_weight * s_frame` (0.7 / 0.3 by default, the MS-SL / GMMFormer
 convention of favouring the clip branch). p*, the *retrieved prototype*, is the argmax.
@@ -114,8 +111,6 @@ class ProtoPRVRConfig(BranchModelConfig):
     negative_memory: int = 0            # > 0: the prototypes of this many earlier batches join InfoNCE as negatives
     negative_memory_start_epoch: int = 0    # the memory's negatives count from this epoch on (0-based; XBM's warm-up)
     nce_video_to_text: bool = True      # False: InfoNCE ranks videos for each query only (as the linear probe)
-    frames_when_they_fit: bool = False  # a video with no more frame tokens than prototypes stores its frames as its
-                                        # frame-branch prototypes (each repeated evenly over the slots)
 
     def __post_init__(self):
         if self.negative_memory < 0:
@@ -258,15 +253,6 @@ class NegativeMemory:
         self.entries.append({**{b: (prototypes[b].detach(), masks[b]) for b in BRANCHES}, "ids": video_ids})
 
 
-def even_token_slots(token_mask: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One-hot [B, n_slots, N] giving slot i of a video with L valid tokens the token floor(i * L / n_slots), so
-    every token gets a slot and the slots repeat them evenly; and whether the video fits (L <= n_slots) [B]."""
-    lengths = token_mask.sum(1).clamp(min=1)
-    slot = torch.arange(n_slots, device=token_mask.device)
-    token = (slot[None] * lengths[:, None]) // n_slots                                        # [B, n_slots]
-    return F.one_hot(token, token_mask.shape[1]).to(torch.bool), lengths <= n_slots
-
-
 def max_cosine(queries: torch.Tensor, prototypes: torch.Tensor, mask: torch.Tensor):
     """Max over each video's prototypes of the cosine similarity [Q, B] and the prototype reaching it, p* [Q, B]."""
     cos = torch.einsum("qd,bnd->qbn", F.normalize(queries, dim=-1), F.normalize(prototypes, dim=-1))
@@ -383,10 +369,6 @@ class ProtoPRVR(RetrievalModel):
         Returns the stored prototypes and, per branch, the prototypes in the hidden space (the same ones unless
         the read-out is "input": then the stored ones are the attention's weighted means of the unit input frames)."""
         frame_protos, attn = self.frame_prototypes(tok["frames"], tok["frame_mask"])
-        if self.cfg.frames_when_they_fit:
-            pick, fits = even_token_slots(tok["frame_mask"], attn.shape[1])
-            attn = torch.where(fits[:, None, None], pick.to(attn.dtype), attn)
-            frame_protos = torch.where(fits[:, None, None], pick.to(attn.dtype) @ tok["frames"], frame_protos)
         frame_attn = attn @ tok["frame_pool"]
         clip_protos, attn = self.clip_prototypes(tok["clips"], None, spans=True)  # attends over all 528 spans
         clip_attn = (attn @ self.span_to_clip.to(attn.dtype)) @ tok["clip_bins"]

@@ -641,36 +641,6 @@ def test_negative_memory_is_empty_at_first_and_needs_a_cosine_temperature():
         tiny_model(negative_memory=4)
     with pytest.raises(UsageError, match="negative_memory"):
         tiny_model(nce_temperature=0.05, negative_memory=-1)
-
-
-def test_even_token_slots_give_every_token_a_slot():
-    from prvr_cli.nets.protoprvr import even_token_slots
-
-    mask = torch.tensor([[True] * 5 + [False] * 3, [True] * 8, [True] * 6 + [False] * 2])
-    pick, fits = even_token_slots(mask, 6)
-    assert fits.tolist() == [True, False, True]
-    assert pick[0].int().argmax(-1).tolist() == [0, 0, 1, 2, 3, 4]
-    assert pick[2].int().argmax(-1).tolist() == [0, 1, 2, 3, 4, 5]
-    assert (pick.sum(-1) == 1).all()
-
-
-def test_frames_when_they_fit_stores_a_short_videos_frames_and_leaves_long_ones_to_the_prototypes():
-    """With the switch a video with no more frame tokens than prototypes stores its unit frames as its frame-branch
-    prototypes (attention one-hot on them); a longer video's frame branch and every clip branch are unchanged."""
-    changes = dict(prototype_readout="input", query_encoder="mean", max_frames=20, n_prototypes=6)
-    on, off = tiny_model(frames_when_they_fit=True, **changes).eval(), tiny_model(**changes).eval()
-    frames = torch.randn(2, 9, VDIM)
-    mask = torch.tensor([[True] * 4 + [False] * 5, [True] * 9])
-    got, want = on.encode_videos(frames, mask), off.encode_videos(frames, mask)
-    slots = [0, 0, 1, 2, 2, 3]
-    assert torch.allclose(got.frame[0], F.normalize(frames[0, slots], dim=-1), atol=1e-6)
-    assert torch.equal(got.frame_attn[0].argmax(-1), torch.tensor(slots)) and (got.frame_attn[0, :, 4:] == 0).all()
-    assert torch.allclose(got.frame[1], want.frame[1]) and torch.allclose(got.clip, want.clip)
-    loss, terms = tiny_model(frames_when_they_fit=True, **changes)(tiny_batch())
-    loss.backward()
-    assert torch.isfinite(loss) and "urecon" in terms
-
-
 def test_negative_memory_fills_during_its_warm_up_but_counts_only_from_its_start_epoch():
     off = {k: 0.0 for k in ["triplet", "crecon", "urecon", "attn", "ortho"]}
     model = tiny_model(nce_temperature=0.05, negative_memory=2, negative_memory_start_epoch=1,

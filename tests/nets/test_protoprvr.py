@@ -641,6 +641,8 @@ def test_negative_memory_is_empty_at_first_and_needs_a_cosine_temperature():
         tiny_model(negative_memory=4)
     with pytest.raises(UsageError, match="negative_memory"):
         tiny_model(nce_temperature=0.05, negative_memory=-1)
+
+
 def test_negative_memory_fills_during_its_warm_up_but_counts_only_from_its_start_epoch():
     off = {k: 0.0 for k in ["triplet", "crecon", "urecon", "attn", "ortho"]}
     model = tiny_model(nce_temperature=0.05, negative_memory=2, negative_memory_start_epoch=1,

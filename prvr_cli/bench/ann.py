@@ -79,7 +79,7 @@ def write_library(folder: Path, real: dict, n_videos: int, seed: int = 0) -> Non
 # Each measurement is a fresh interpreter: its peak resident memory (VmHWM, which starts afresh at exec, unlike
 # ru_maxrss) is that of the searches alone.
 SEARCHES = """
-import json, sys, time
+import json, os, sys, time
 import numpy as np
 from prvr_cli.index.ann import AnnCandidates, AnnSettings
 from prvr_cli.index.matrices import PrototypeFile
@@ -95,7 +95,7 @@ times, tops = [], []
 for qc, qf in zip(queries["clip"], queries["frame"]):
     if cold:   # a library larger than memory: no prototype page stays cached between queries
         for f in (clip, frame):
-            __import__("os").posix_fadvise(f.file.fileno(), 0, 0, __import__("os").POSIX_FADV_DONTNEED)
+            os.posix_fadvise(f.file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     start = time.perf_counter()
     hits = rank(paths, clip, frame, qc[None], qf[None], (0.7, 0.3), k, ann=ann, ann_settings=settings)[0]
     times.append(time.perf_counter() - start)

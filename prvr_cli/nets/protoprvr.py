@@ -28,8 +28,9 @@ Training objectives (formulas in `protoprvr_losses` and, for the retrieval pair,
 `retrieval_losses` shared with MS-SL / GMMFormer; each has a weight in cfg.losses, 0 turns it off):
     triplet  per branch, hinge ranking on cosine scores, both directions; random negatives before
              `hard_negative_start_epoch`, hard ones after (as MS-SL / GMMFormer)
-    nce      per branch, InfoNCE both directions on the max raw dot product (MS-SL's logits), or on the max
-             cosine / nce_temperature; `negative_memory` adds earlier batches' prototypes as negatives (XBM)
+    nce      per branch, InfoNCE both directions (or text to video only: `nce_video_to_text`) on the max raw dot
+             product (MS-SL's logits), or on the max cosine / nce_temperature; `negative_memory` adds earlier
+             batches' prototypes as negatives (XBM), from epoch `negative_memory_start_epoch` on
     crecon   ~30% of the query tokens (after projection) replaced by a mask token; a decoder
              cross-attends to p* of the positive video alone, then self-attends; InfoNCE on cosine
              between reconstructed and original masked tokens of the batch (both branches' p*, averaged)
@@ -420,7 +421,8 @@ class ProtoPRVR(RetrievalModel):
         if w["nce"] > 0:  # retrieval: InfoNCE per branch on raw dot products (as MS-SL), or on cosine / temperature
             tau = self.cfg.nce_temperature
             owners = None if batch.video_ids is None else batch.video_ids.to(vi.device)[vi]
-            use_memory = self.memory is not None and self.training and batch.epoch >= self.cfg.negative_memory_start_epoch
+            warm = batch.epoch >= self.cfg.negative_memory_start_epoch
+            use_memory = self.memory is not None and self.training and warm
             extra = self.memory.scores(query, owners) if use_memory else None
             both = self.cfg.nce_video_to_text
             losses["nce"] = sum(infonce_loss(scores[b][0], vi, tau, None if extra is None else extra[b], both) if tau

@@ -58,15 +58,16 @@ def train_command(
     from ..training.loop import train
 
     _check_sources(data, collection, index, captions)
+    if train_videos is not None and train_videos < 2:
+        raise UsageError(f"--train-videos {train_videos}: use at least 2 videos (or leave it out for all)")
     if proxy_head is not None:
+        dataset = _dataset(data, collection, feature, text_feature, index, captions, seed)
         summary = _train_proxy(proxy_head, sets, out, epochs, batch_videos, lr, seed, device,
-                               _dataset(data, collection, feature, text_feature, index, captions, seed))
+                               dataset.with_train_subset(train_videos, seed))
         if as_json:
             write_line(json.dumps(summary))
         return
     config = _config(preset, sets, epochs, batch_videos, lr)
-    if train_videos is not None and train_videos < 2:
-        raise UsageError(f"--train-videos {train_videos}: use at least 2 videos (or leave it out for all)")
     dataset = _dataset(data, collection, feature, text_feature, index, captions, seed)
     summary = train(config, dataset.with_train_subset(train_videos, seed), out, device=device, seed=seed,
                     resume=resume)

@@ -136,4 +136,5 @@ def train_proxy_head(checkpoint: Path, data: PRVRData, out: Path, *, epochs: int
     path = out / "proxy.pt"
     save_checkpoint(path, model, feature_source=meta.get("feature_source", {}), metrics=meta.get("metrics"),
                     extra=extra)
-    return {"checkpoint": str(path), "gamma": gamma, "val_sumr": table, "seconds": round(time.time() - started, 1)}
+    return {"checkpoint": str(path), "gamma": gamma, "val_sumr": table, "train_videos": data.splits["train"].n_videos,
+            "seconds": round(time.time() - started, 1)}

@@ -56,6 +56,19 @@ def test_train_proxy_head_writes_a_checkpoint_with_gamma(cli, tmp_path, base_che
     assert code == ExitCode.USAGE and "proxy.KEY" in err
 
 
+def test_proxy_head_trains_on_the_base_models_video_subset(cli, tmp_path, base_checkpoint):
+    """--train-videos N --seed S picks the same videos for the head as for the base run."""
+    write_h5_dataset(tmp_path / "data")
+    code, out, err = cli("train", "--proxy-head", base_checkpoint, "--data", tmp_path / "data", "--collection", "toy",
+                         "--out", tmp_path / "proxy", "--epochs", "1", "--train-videos", "6", "--device", "cpu",
+                         "--json", *TINY, index=False)
+    assert code == 0, err
+    assert json.loads(out)["train_videos"] == 6
+    code, _, err = cli("train", "--proxy-head", base_checkpoint, "--data", tmp_path / "data", "--collection", "toy",
+                       "--out", tmp_path / "p1", "--train-videos", "1", index=False)
+    assert code == ExitCode.USAGE and "--train-videos 1" in err
+
+
 def test_search_rerank_reorders_the_top_k_only(cli, videos, tmp_path):
     """An index built with a proxy checkpoint: --rerank K keeps the first stage's top-K set and everything after it."""
     from prvr_cli.nets.text_proxy import TextProxyHead

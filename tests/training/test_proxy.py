@@ -32,11 +32,16 @@ def base_checkpoint(tmp_path):
     return path
 
 
+def train_head(cli, tmp_path, base, out: str, *flags):
+    """`prvr train --proxy-head BASE` on the toy h5 dataset under tmp_path/data."""
+    return cli("train", "--proxy-head", base, "--data", tmp_path / "data", "--collection", "toy",
+               "--out", tmp_path / out, *flags, index=False)
+
+
 def test_train_proxy_head_writes_a_checkpoint_with_gamma(cli, tmp_path, base_checkpoint):
     write_h5_dataset(tmp_path / "data")
-    code, out, err = cli("train", "--proxy-head", base_checkpoint, "--data", tmp_path / "data", "--collection", "toy",
-                         "--out", tmp_path / "proxy", "--epochs", "2", "--batch-videos", "8", "--device", "cpu",
-                         "--json", *TINY, index=False)
+    code, out, err = train_head(cli, tmp_path, base_checkpoint, "proxy", "--epochs", "2", "--batch-videos", "8",
+                                "--device", "cpu", "--json", *TINY)
     assert code == 0, err
     summary = json.loads(out)
     assert summary["gamma"] in GAMMAS and sorted(float(g) for g in summary["val_sumr"]) == sorted(GAMMAS)
@@ -51,21 +56,18 @@ def test_train_proxy_head_writes_a_checkpoint_with_gamma(cli, tmp_path, base_che
     assert [r["k"] for r in rows] == [0, 2, 3] and all(r["ms_per_query"] >= 0 for r in rows)
     if summary["gamma"] == 0:                                       # re-ranking with gamma 0 changes nothing
         assert all(r["SumR"] == rows[0]["SumR"] for r in rows)
-    code, _, err = cli("train", "--proxy-head", base_checkpoint, "--data", tmp_path / "data", "--collection", "toy",
-                       "--out", tmp_path / "p2", "--set", "model.hidden_size=8", index=False)
+    code, _, err = train_head(cli, tmp_path, base_checkpoint, "p2", "--set", "model.hidden_size=8")
     assert code == ExitCode.USAGE and "proxy.KEY" in err
 
 
 def test_proxy_head_trains_on_the_base_models_video_subset(cli, tmp_path, base_checkpoint):
     """--train-videos N --seed S picks the same videos for the head as for the base run."""
     write_h5_dataset(tmp_path / "data")
-    code, out, err = cli("train", "--proxy-head", base_checkpoint, "--data", tmp_path / "data", "--collection", "toy",
-                         "--out", tmp_path / "proxy", "--epochs", "1", "--train-videos", "6", "--device", "cpu",
-                         "--json", *TINY, index=False)
+    code, out, err = train_head(cli, tmp_path, base_checkpoint, "proxy", "--epochs", "1", "--train-videos", "6",
+                                "--device", "cpu", "--json", *TINY)
     assert code == 0, err
     assert json.loads(out)["train_videos"] == 6
-    code, _, err = cli("train", "--proxy-head", base_checkpoint, "--data", tmp_path / "data", "--collection", "toy",
-                       "--out", tmp_path / "p1", "--train-videos", "1", index=False)
+    code, _, err = train_head(cli, tmp_path, base_checkpoint, "p1", "--train-videos", "1")
     assert code == ExitCode.USAGE and "--train-videos 1" in err
 
 

@@ -91,7 +91,8 @@ def choose_gamma(first, top, proxy, gt) -> tuple[float, dict]:
 def train_proxy_head(checkpoint: Path, data: PRVRData, out: Path, *, epochs: int = 5, batch_videos: int = 32,
                      lr: float = 1e-4, k: int = 100, device: str = "cpu", seed: int = 0, overrides: dict | None = None,
                      log=print) -> dict:
-    """Train a proxy head for `checkpoint` on `data`, pick gamma on val at top `k`; writes out/proxy.pt."""
+    """Train a proxy head for `checkpoint` on `data`; keeps the epoch and gamma with the best val SumR re-ranked at
+    top `k`; writes out/proxy.pt."""
     seed_everything(seed)
     model, meta = load_checkpoint(checkpoint)
     model = model.to(device)
@@ -107,6 +108,7 @@ def train_proxy_head(checkpoint: Path, data: PRVRData, out: Path, *, epochs: int
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.01)
     owner = data.splits["train"].query_video
     log(f"[proxy] base vectors encoded in {time.time() - started:.0f}s; training {epochs} epochs")
+    best = None
     for epoch in range(epochs):
         head.train()
         order = torch.randperm(data.splits["train"].n_videos)
@@ -128,13 +130,20 @@ def train_proxy_head(checkpoint: Path, data: PRVRData, out: Path, *, epochs: int
         gamma, table = choose_gamma(val["first"], top, proxy, data.splits["val"].query_video)
         log(f"[proxy] epoch {epoch + 1}: loss {total / max(steps, 1):.4f}; val SumR first stage {table[0.0]:.2f}, "
             f"re-ranked top {k} {table[gamma]:.2f} at gamma {gamma}")
+        if best is None or table[gamma] > best["val_sumr"][best["gamma"]]:
+            best = {"epoch": epoch + 1, "gamma": gamma, "val_sumr": table,
+                    "state_dict": {name: t.detach().clone() for name, t in head.state_dict().items()}}
+    log(f"[proxy] keeping epoch {best['epoch']}, the best re-ranked val SumR")
+    gamma, table = best["gamma"], best["val_sumr"]
     extra = {key: value for key, value in meta.items()
              if key not in ("format", "method", "config", "dims", "feature_source", "metrics", "proxy")}
-    extra["proxy"] = {"config": cfg.as_dict(), "state_dict": head.state_dict(), "gamma": gamma, "n_vectors": n_vectors,
-                      "k": k, "val_sumr": table, "base": str(Path(checkpoint).resolve())}
+    extra["proxy"] = {"config": cfg.as_dict(), "state_dict": best["state_dict"], "gamma": gamma,
+                      "n_vectors": n_vectors, "k": k, "val_sumr": table, "epoch": best["epoch"],
+                      "base": str(Path(checkpoint).resolve())}
     out.mkdir(parents=True, exist_ok=True)
     path = out / "proxy.pt"
     save_checkpoint(path, model, feature_source=meta.get("feature_source", {}), metrics=meta.get("metrics"),
                     extra=extra)
-    return {"checkpoint": str(path), "gamma": gamma, "val_sumr": table, "train_videos": data.splits["train"].n_videos,
+    return {"checkpoint": str(path), "gamma": gamma, "val_sumr": table, "epoch": best["epoch"],
+            "train_videos": data.splits["train"].n_videos,
             "seconds": round(time.time() - started, 1)}

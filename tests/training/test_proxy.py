@@ -1,5 +1,6 @@
 """`prvr train --proxy-head` and re-ranked evaluation; `prvr search --rerank` on an index built with the result."""
 import json
+import re
 
 import pytest
 import torch
@@ -45,6 +46,9 @@ def test_train_proxy_head_writes_a_checkpoint_with_gamma(cli, tmp_path, base_che
     assert code == 0, err
     summary = json.loads(out)
     assert summary["gamma"] in GAMMAS and sorted(float(g) for g in summary["val_sumr"]) == sorted(GAMMAS)
+    per_epoch = [float(m) for m in re.findall(r"re-ranked top \d+ ([\d.]+) at gamma", err)]
+    assert len(per_epoch) == 2 and per_epoch[summary["epoch"] - 1] == max(per_epoch)   # the best epoch is kept
+    assert round(summary["val_sumr"][str(summary["gamma"])], 2) == max(per_epoch)
     model, meta = load_checkpoint(tmp_path / "proxy" / "proxy.pt")
     base, _ = load_checkpoint(base_checkpoint)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values()))

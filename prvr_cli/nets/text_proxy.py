@@ -67,9 +67,30 @@ class ProxyLayer(nn.Module):
     def forward(self, x: torch.Tensor, memory: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
         x = self.norm_query(x)
         memory = self.norm_memory(memory)
-        read, _ = self.attn(x, memory, memory, key_padding_mask=pad, need_weights=False)
+        if not self.training and x.shape[1] < memory.shape[1]:
+            read = self.read_folded(x, memory, pad)
+        else:
+            read, _ = self.attn(x, memory, memory, key_padding_mask=pad, need_weights=False)
         x = self.norm_mid(x + self.drop(read))
         return self.norm_out(x + self.drop(self.ffn(x)))
+
+    def read_folded(self, x: torch.Tensor, memory: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+        """The attention's output without projecting the memory: with few query rows (re-ranking: one per pair)
+        the key map is folded into the query, q.(Wk m + bk) = (q Wk).m + const, and the value map applied after
+        averaging, sum_m a_m (Wv m + bv) = Wv (sum_m a_m m) + bv. Same result as `self.attn` in eval mode."""
+        attn, dim = self.attn, x.shape[-1]
+        heads, head_dim = attn.num_heads, dim // attn.num_heads
+        w_q, w_k, w_v = attn.in_proj_weight.split(dim)
+        b_q, _, b_v = attn.in_proj_bias.split(dim)
+        n, rows = x.shape[:2]
+        q = (x @ w_q.T + b_q).view(n, rows, heads, head_dim).transpose(1, 2)               # [N, H, R, dh]
+        q_in_memory = q @ w_k.view(heads, head_dim, dim) / math.sqrt(head_dim)             # [N, H, R, D]
+        scores = q_in_memory @ memory.unsqueeze(1).transpose(-1, -2)                       # [N, H, R, M]
+        if pad is not None:
+            scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
+        averaged = scores.softmax(-1) @ memory.unsqueeze(1)                                # [N, H, R, D]
+        read = torch.einsum("nhrd,hed->nrhe", averaged, w_v.view(heads, head_dim, dim)).reshape(n, rows, dim) + b_v
+        return attn.out_proj(read)
 
 
 class TextProxyHead(nn.Module):

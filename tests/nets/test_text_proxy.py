@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from prvr_cli.errors import UsageError
-from prvr_cli.nets.text_proxy import ProxyConfig, TextProxyHead, load_proxy_head
+from prvr_cli.nets.text_proxy import ProxyConfig, ProxyLayer, TextProxyHead, load_proxy_head
 
 
 class FixedDecoderOutput(nn.Module):
@@ -22,6 +22,30 @@ def hand_head(**cfg) -> TextProxyHead:
     with torch.no_grad():
         head.theta.fill_(0.4)
     return head
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_folded_attention_equals_the_attention_layer(heads):
+    """Re-ranking's cheaper read (key map folded into the query, value map after averaging) gives the attention's
+    own output, padding included; the layer takes it only in eval mode with fewer query rows than vectors."""
+    torch.manual_seed(0)
+    layer = ProxyLayer(16, heads, 16, 0.1).eval()
+    with torch.no_grad():
+        layer.attn.in_proj_bias.normal_()                      # biases start at zero; the folding must handle them
+    x, memory = torch.randn(3, 2, 16), torch.randn(3, 5, 16)
+    pad = torch.zeros(3, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    with torch.no_grad():
+        expected, _ = layer.attn(x, memory, memory, key_padding_mask=pad, need_weights=False)
+        assert torch.allclose(layer.read_folded(x, memory, pad), expected, atol=1e-5)
+        calls = []
+        folded = layer.read_folded
+        layer.read_folded = lambda *args: calls.append(args[0].shape) or folded(*args)
+        layer(x, memory, pad)
+        layer(torch.randn(3, 6, 16), memory, pad)              # more rows than vectors: the attention itself
+        layer.train()
+        layer(x, memory, pad)                                  # training: the attention, with its dropout
+    assert calls == [x.shape]
 
 
 def test_director_and_dash_hand_case():

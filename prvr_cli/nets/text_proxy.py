@@ -84,7 +84,7 @@ class ProxyLayer(nn.Module):
         b_q, _, b_v = attn.in_proj_bias.split(dim)
         n, rows = x.shape[:2]
         q = (x @ w_q.T + b_q).view(n, rows, heads, head_dim).transpose(1, 2)               # [N, H, R, dh]
-        q_in_memory = q @ w_k.view(heads, head_dim, dim) / math.sqrt(head_dim)             # [N, H, R, D]
+        q_in_memory = torch.einsum("nhrd,hde->nhre", q, w_k.view(heads, head_dim, dim)) / math.sqrt(head_dim)
         scores = q_in_memory @ memory.unsqueeze(1).transpose(-1, -2)                       # [N, H, R, M]
         if pad is not None:
             scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))

@@ -39,5 +39,6 @@ def bench_rerank(checkpoint: Path, data, depths: list[int], device: str = "cpu",
         rows.append({"k": k, "gamma": gamma, **recall_metrics(reranked_ranks(vectors["first"], top, proxy, gamma, gt)),
                      "ms_per_query": round(statistics.median(times), 2)})
     return {"checkpoint": str(checkpoint), "method": meta["config"]["method"], "gamma": gamma,
-            "val_sumr": meta["proxy"].get("val_sumr"), "epoch": meta["proxy"].get("epoch"), "queries": test.n_queries, "videos": test.n_videos,
+            "val_sumr": meta["proxy"].get("val_sumr"), "epoch": meta["proxy"].get("epoch"),
+            "queries": test.n_queries, "videos": test.n_videos,
             "device": device, "torch_threads": torch.get_num_threads(), "load_average": load_average(), "rows": rows}

@@ -60,17 +60,15 @@ def train_command(
     _check_sources(data, collection, index, captions)
     if train_videos is not None and train_videos < 2:
         raise UsageError(f"--train-videos {train_videos}: use at least 2 videos (or leave it out for all)")
+    config = None if proxy_head is not None else _config(preset, sets, epochs, batch_videos, lr)
+    dataset = _dataset(data, collection, feature, text_feature, index, captions, seed).with_train_subset(
+        train_videos, seed)
     if proxy_head is not None:
-        dataset = _dataset(data, collection, feature, text_feature, index, captions, seed)
-        summary = _train_proxy(proxy_head, sets, out, epochs, batch_videos, lr, seed, device,
-                               dataset.with_train_subset(train_videos, seed))
+        summary = _train_proxy(proxy_head, sets, out, epochs, batch_videos, lr, seed, device, dataset)
         if as_json:
             write_line(json.dumps(summary))
         return
-    config = _config(preset, sets, epochs, batch_videos, lr)
-    dataset = _dataset(data, collection, feature, text_feature, index, captions, seed)
-    summary = train(config, dataset.with_train_subset(train_videos, seed), out, device=device, seed=seed,
-                    resume=resume)
+    summary = train(config, dataset, out, device=device, seed=seed, resume=resume)
     if as_json:
         write_line(json.dumps({k: summary[k] for k in ("run_dir", "preset", "method", "device", "seed", "epochs",
                                                        "best_epoch", "val", "test", "seconds_per_epoch",

@@ -298,8 +298,8 @@ def _encode_all(index, plan, encoder, builder, summary, *, fps, workers, batch_s
             watch = DecodeWatch(decode_timeout)
             thread = threading.Thread(target=decode_worker, name=f"decode-{i}", daemon=True,
                                       args=(i, state.path, fps, encoder.image_size, out, stop, chunk, watch, decoder))
-            running[i] = (thread, watch)
             thread.start()
+            running[i] = (thread, watch)  # after start: an interrupt in between must not leave one to join unstarted
 
     def watchdog() -> None:
         for i, (_, watch) in list(running.items()):

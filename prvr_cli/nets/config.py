@@ -76,7 +76,8 @@ class TrainConfig(Settings):
     lr: float = 2.5e-4
     weight_decay: float = 0.01
     warmup: float = 0.01          # share of all steps with a rising learning rate
-    schedule: str = "linear"      # or "constant"
+    schedule: str = "linear"      # or "constant", or "cooldown": constant, then linear decay over the last steps
+    cooldown: float = 0.2         # share of all steps the "cooldown" schedule decays over
     batch_videos: int = 128
     max_epochs: int = 100
     patience: int = 10
@@ -88,8 +89,11 @@ class TrainConfig(Settings):
             raise UsageError(f"train.optimizer {self.optimizer!r} is not supported; use 'adamw'")
         if self.autocast not in ("off", "bf16"):
             raise UsageError(f"train.autocast {self.autocast!r} is not supported; use 'off' or 'bf16'")
-        if self.schedule not in ("linear", "constant"):
-            raise UsageError(f"train.schedule {self.schedule!r} is not supported; use 'linear' or 'constant'")
+        if self.schedule not in ("linear", "constant", "cooldown"):
+            raise UsageError(f"train.schedule {self.schedule!r} is not supported; "
+                             "use 'linear', 'constant' or 'cooldown'")
+        if not 0 < float(self.cooldown) <= 1:
+            raise UsageError(f"train.cooldown must be a share of the steps in (0, 1], got {self.cooldown}")
         for key in ("batch_videos", "max_epochs"):
             if int(getattr(self, key)) < 1:
                 raise UsageError(f"train.{key} must be at least 1, got {getattr(self, key)}")

@@ -57,16 +57,21 @@ def make_optimizer(model: torch.nn.Module, settings: TrainConfig) -> torch.optim
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=float(settings.lr))
 
 
-def make_schedule(optimizer, total_steps: int, warmup: float, schedule: str):
-    """Per-step multiplier: linear warm-up over `warmup` of the steps, then linear decay to 0 (or constant)."""
+def make_schedule(optimizer, total_steps: int, warmup: float, schedule: str, cooldown: float = 0.2):
+    """Per-step multiplier: linear warm-up over `warmup` of the steps, then one of
+    linear decay to 0 ("linear"), the full rate ("constant"), or the full rate until the last
+    `cooldown` share of the steps and a linear decay to 0 over those ("cooldown", warmup-stable-decay)."""
     warm = max(1, round(warmup * total_steps))
+    decay_from = {"linear": warm, "constant": total_steps}.get(schedule)
+    if decay_from is None:
+        decay_from = max(warm, total_steps - max(1, round(cooldown * total_steps)))
 
     def factor(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
-        if schedule == "constant":
+        if step < decay_from:
             return 1.0
-        return max(0.0, (total_steps - step) / max(1, total_steps - warm))
+        return max(0.0, (total_steps - step) / max(1, total_steps - decay_from))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -153,7 +158,8 @@ class Trainer:
         train = data.splits["train"]
         self.steps_per_epoch = math.ceil(train.n_videos / int(self.settings.batch_videos))
         total = self.steps_per_epoch * int(self.settings.max_epochs)
-        self.scheduler = make_schedule(self.optimizer, total, float(self.settings.warmup), self.settings.schedule)
+        self.scheduler = make_schedule(self.optimizer, total, float(self.settings.warmup), self.settings.schedule,
+                                       float(self.settings.cooldown))
         self.epoch, self.best, self.bad_epochs, self.history = 0, None, 0, []
         if payload is not None:
             self._restore(payload)

@@ -230,7 +230,7 @@ class NegativeMemory:
     """Cross-batch memory (XBM: Wang et al., CVPR 2020): the prototypes of the last `size` training batches,
     detached, with their videos' ids. A later batch's queries score them as extra InfoNCE negatives, so each
     query sees (size + 1) x batch videos for the cost of one batch's encoding. A video's own copy, remembered
-    from an earlier epoch, is skipped by id. Training only; not saved in checkpoints (a resumed run starts empty).
+    from an earlier epoch, is skipped by id. Training only: kept in last.pt for --resume, not in best.pt.
     """
 
     def __init__(self, size: int):
@@ -252,6 +252,15 @@ class NegativeMemory:
 
     def add(self, prototypes: dict, masks: dict, video_ids: torch.Tensor | None) -> None:
         self.entries.append({**{b: (prototypes[b].detach(), masks[b]) for b in BRANCHES}, "ids": video_ids})
+
+    def state(self) -> list:
+        return list(self.entries)
+
+    def load(self, entries: list, device: torch.device) -> None:
+        self.entries.clear()
+        for entry in entries:
+            self.entries.append({**{b: tuple(t.to(device) for t in entry[b]) for b in BRANCHES},
+                                 "ids": entry["ids"]})
 
 
 def max_cosine(queries: torch.Tensor, prototypes: torch.Tensor, mask: torch.Tensor):
@@ -401,6 +410,13 @@ class ProtoPRVR(RetrievalModel):
         return self.clip_weight * s_clip + self.frame_weight * s_frame
 
     # ------------------------------------------------------------------ training
+    def training_state(self) -> dict:
+        return {"negative_memory": self.memory.state()} if self.memory is not None else {}
+
+    def load_training_state(self, state: dict) -> None:
+        if self.memory is not None and "negative_memory" in state:
+            self.memory.load(state["negative_memory"], next(self.parameters()).device)
+
     def forward(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """Weighted sum of the enabled objectives (weight > 0); terms are reported weighted, by name."""
         w = self.loss_weights

@@ -97,6 +97,13 @@ class RetrievalModel(nn.Module):
         """Total training loss and its named, weighted terms (floats, for logging)."""
         raise NotImplementedError
 
+    def training_state(self) -> dict:
+        """State that training builds up outside the weights (saved in last.pt so --resume is exact)."""
+        return {}
+
+    def load_training_state(self, state: dict) -> None:
+        """Restore what `training_state` returned."""
+
 
 class WeightedBranchModel(RetrievalModel):
     """A baseline whose score is cfg's clip_weight * clip score + frame_weight * frame score.

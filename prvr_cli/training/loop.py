@@ -1,10 +1,11 @@
 """The training loop shared by every retrieval method.
 
 Each step sees `batch_videos` videos with all their queries (videos reshuffled every
-epoch in a seeded order), AdamW with a linear warm-up then linear decay per step and
-gradient clipping. After every epoch the model is scored on the val split; the best
-epoch by val SumR is kept as `best.pt`, the latest as `last.pt` (with optimizer,
-scheduler and RNG state, for `--resume`), and training stops early after `patience`
+epoch in a seeded order), AdamW with a linear warm-up then the schedule's rate per step
+(`make_schedule`) and gradient clipping. After every epoch the model is scored on the val
+split; the best epoch by val SumR is kept as `best.pt`, the latest as `last.pt` (with
+optimizer, scheduler and RNG state and the model's `training_state`, so that `--resume`
+continues exactly where the run stopped), and training stops early after `patience`
 epochs without improvement. The best checkpoint is finally scored on the test split.
 Everything goes to the run folder: `best.pt`, `last.pt`, `metrics.json`.
 """
@@ -184,6 +185,7 @@ class Trainer:
 
     def _restore(self, payload: dict) -> None:
         self.model.load_state_dict(payload["state_dict"])
+        self.model.load_training_state(payload.get("training_state", {}))  # absent in runs saved before it
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.epoch, self.best = payload["epoch"], payload["best"]
@@ -202,7 +204,8 @@ class Trainer:
                         metrics=self.history[-1]["val"] if self.history else {},
                         extra={"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                                "epoch": self.epoch, "best": self.best, "bad_epochs": self.bad_epochs,
-                               "history": self.history, "rng": rng, "seed": self.seed})
+                               "history": self.history, "rng": rng, "seed": self.seed,
+                               "training_state": self.model.training_state()})
 
     # -- loop -------------------------------------------------------------------
 

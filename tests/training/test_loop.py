@@ -173,26 +173,46 @@ def test_resume_extends_a_finished_run(toy, tmp_path):
     assert [h["losses"] for h in resumed["history"][:3]] == [h["losses"] for h in cut["history"]]
 
 
-def test_resume_is_exact_when_the_schedule_is_unchanged(toy, tmp_path, monkeypatch):
-    _, data = toy
-    full = train(CONFIG, data, tmp_path / "full", device="cpu", seed=2)
-    # interrupt the same run after 3 epochs by making epoch 4 fail, then resume it
+def interrupted_then_resumed(config, data, run, seed, monkeypatch, stop_after=3):
+    """Train `config` into `run`, interrupted (KeyboardInterrupt) before epoch stop_after + 1, then --resume it."""
     from prvr_cli.training import loop as train_mod
 
     real = train_mod.Trainer.train_epoch
 
-    def crash_at_4(self, progress):
-        if self.epoch == 3:
+    def crash(self, progress):
+        if self.epoch == stop_after:
             raise KeyboardInterrupt
         return real(self, progress)
 
-    monkeypatch.setattr(train_mod.Trainer, "train_epoch", crash_at_4)
+    monkeypatch.setattr(train_mod.Trainer, "train_epoch", crash)
     with pytest.raises(KeyboardInterrupt):
-        train(CONFIG, data, tmp_path / "cut", device="cpu", seed=2)
+        train(config, data, run, device="cpu", seed=seed)
     monkeypatch.setattr(train_mod.Trainer, "train_epoch", real)
-    resumed = train(CONFIG, data, tmp_path / "cut", device="cpu", seed=2, resume=True)
+    return train(config, data, run, device="cpu", seed=seed, resume=True)
+
+
+def test_resume_is_exact_when_the_schedule_is_unchanged(toy, tmp_path, monkeypatch):
+    _, data = toy
+    full = train(CONFIG, data, tmp_path / "full", device="cpu", seed=2)
+    resumed = interrupted_then_resumed(CONFIG, data, tmp_path / "cut", 2, monkeypatch)
     assert [h["losses"] for h in resumed["history"]] == [h["losses"] for h in full["history"]]
     assert resumed["test"] == full["test"]
+
+
+def test_resume_is_exact_with_protoprvrs_negative_memory(toy, tmp_path, monkeypatch):
+    """The memory of earlier batches' prototypes travels in last.pt: a resumed run's first steps see it too."""
+    _, data = toy
+    model = {"hidden_size": 16, "n_heads": 2, "ff_size": 16, "dropout": 0.0, "max_frames": 8, "n_clips": 4,
+             "n_prototypes": 4, "iterations": 1, "nce_temperature": 0.05, "negative_memory": 2,
+             "losses": {"nce": 1.0, "triplet": 0.0, "crecon": 0.0, "urecon": 0.0, "attn": 0.0, "ortho": 0.0}}
+    config = {"method": "protoprvr", "model": model,
+              "train": {"lr": 1e-3, "batch_videos": 8, "max_epochs": 3, "warmup": 0.1, "schedule": "constant"}}
+    full = train(config, data, tmp_path / "full", device="cpu", seed=3)
+    resumed = interrupted_then_resumed(config, data, tmp_path / "cut", 3, monkeypatch, stop_after=1)
+    assert [h["losses"] for h in resumed["history"]] == [h["losses"] for h in full["history"]]
+    a, b = (torch.load(tmp_path / run / "last.pt", weights_only=False) for run in ("full", "cut"))
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert len(b["training_state"]["negative_memory"]) == 2
 
 
 def test_resume_and_rerun_errors(toy, tmp_path):

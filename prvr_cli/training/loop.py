@@ -63,7 +63,7 @@ def make_schedule(optimizer, total_steps: int, warmup: float, schedule: str, coo
     linear decay to 0 ("linear"), the full rate ("constant"), or the full rate until the last
     `cooldown` share of the steps and a linear decay to 0 over those ("cooldown", warmup-stable-decay)."""
     warm = max(1, round(warmup * total_steps))
-    decay_from = {"linear": warm, "constant": total_steps}.get(schedule)
+    decay_from = {"linear": warm, "constant": math.inf}.get(schedule)
     if decay_from is None:
         decay_from = max(warm, total_steps - max(1, round(cooldown * total_steps)))
 
@@ -188,6 +188,10 @@ class Trainer:
         self.model.load_training_state(payload.get("training_state", {}))  # absent in runs saved before it
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
+        # the optimizer holds the rate of the stored schedule's next step; with --epochs raised the schedule
+        # (rebuilt over the new total) gives another one, and the next step must already use it
+        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base * factor(self.scheduler.last_epoch)
         self.epoch, self.best = payload["epoch"], payload["best"]
         self.bad_epochs, self.history = payload["bad_epochs"], payload["history"]
         rng = payload["rng"]

@@ -173,6 +173,26 @@ def test_resume_extends_a_finished_run(toy, tmp_path):
     assert [h["losses"] for h in resumed["history"][:3]] == [h["losses"] for h in cut["history"]]
 
 
+def test_an_extended_run_steps_at_its_new_schedules_rate(toy, tmp_path):
+    """--epochs raised on resume: the first new step already uses the rate of the schedule over the new total
+    (a finished linear run stored the rate 0), and a constant run extended equals one trained that long."""
+    from prvr_cli.training.loop import Trainer
+    _, data = toy
+    base = {**CONFIG["train"], "warmup": 0.01}
+    short = {**CONFIG, "train": {**base, "max_epochs": 3, "schedule": "linear"}}
+    train(short, data, tmp_path / "lin", device="cpu", seed=1)
+    longer = {**CONFIG, "train": {**base, "max_epochs": 6, "schedule": "linear"}}
+    trainer = Trainer(longer, data, tmp_path / "lin", device="cpu", seed=1, resume=True)
+    step, total = trainer.scheduler.last_epoch, trainer.steps_per_epoch * 6
+    assert step == total // 2
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * (total - step) / (total - 1))
+    constant = {k: {**CONFIG, "train": {**base, "max_epochs": n, "schedule": "constant"}} for k, n in (("a", 3), ("b", 6))}
+    train(constant["a"], data, tmp_path / "const", device="cpu", seed=1)
+    extended = train(constant["b"], data, tmp_path / "const", device="cpu", seed=1, resume=True)
+    straight = train(constant["b"], data, tmp_path / "straight", device="cpu", seed=1)
+    assert [h["losses"] for h in extended["history"]] == [h["losses"] for h in straight["history"]]
+
+
 def interrupted_then_resumed(config, data, run, seed, monkeypatch, stop_after=3):
     """Train `config` into `run`, interrupted (KeyboardInterrupt) before epoch stop_after + 1, then --resume it."""
     from prvr_cli.training import loop as train_mod

@@ -125,26 +125,26 @@ def test_batches_hold_every_video_with_all_its_queries(toy):
     assert torch.equal(first(0, 0), first(0, 0)) and not torch.equal(first(0, 0), first(0, 1))
 
 
-def test_schedule_warms_up_then_decays_linearly():
+def rates(schedule: str, **options) -> list[float]:
+    """The learning rate at each of 100 steps (base rate 1, warm-up 10%)."""
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = make_schedule(opt, total_steps=100, warmup=0.1, schedule="linear")
+    sched = make_schedule(opt, total_steps=100, warmup=0.1, schedule=schedule, **options)
     lrs = []
     for _ in range(100):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
+    return lrs
+
+
+def test_schedule_warms_up_then_decays_linearly():
+    lrs = rates("linear")
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[10] > lrs[50] > lrs[99] > 0 and lrs[55] == pytest.approx(0.5)
 
 
 def test_cooldown_schedule_holds_the_rate_then_decays_over_its_share():
-    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = make_schedule(opt, total_steps=100, warmup=0.1, schedule="cooldown", cooldown=0.2)
-    lrs = []
-    for _ in range(100):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    lrs = rates("cooldown", cooldown=0.2)
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(lr == pytest.approx(1.0) for lr in lrs[10:80])
     assert lrs[80] == pytest.approx(1.0) and lrs[90] == pytest.approx(0.5) and lrs[99] == pytest.approx(0.05)

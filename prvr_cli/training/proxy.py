@@ -8,6 +8,7 @@ top K. The result is the base checkpoint with a `proxy` section, usable by `prvr
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -135,6 +136,9 @@ def train_proxy_head(checkpoint: Path, data: PRVRData, out: Path, *, epochs: int
                     "state_dict": {name: t.detach().clone() for name, t in head.state_dict().items()}}
     log(f"[proxy] keeping epoch {best['epoch']}, the best re-ranked val SumR")
     gamma, table = best["gamma"], best["val_sumr"]
+    if gamma == 0.0:
+        warnings.warn(f"the head's score weight chosen on val is 0 (val SumR {table[0.0]:.2f} is not improved by "
+                      f"re-ranking), so `prvr search --rerank K` with {out / 'proxy.pt'} keeps the first stage's order")
     extra = {key: value for key, value in meta.items()
              if key not in ("format", "method", "config", "dims", "feature_source", "metrics", "proxy")}
     extra["proxy"] = {"config": cfg.as_dict(), "state_dict": best["state_dict"], "gamma": gamma,

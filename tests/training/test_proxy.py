@@ -49,6 +49,7 @@ def test_train_proxy_head_writes_a_checkpoint_with_gamma(cli, tmp_path, base_che
     per_epoch = [float(m) for m in re.findall(r"re-ranked top \d+ ([\d.]+) at gamma", err)]
     assert len(per_epoch) == 2 and per_epoch[summary["epoch"] - 1] == max(per_epoch)   # the best epoch is kept
     assert round(summary["val_sumr"][str(summary["gamma"])], 2) == max(per_epoch)
+    assert ("keeps the first stage's order" in err) == (summary["gamma"] == 0)   # a head that changes nothing says so
     model, meta = load_checkpoint(tmp_path / "proxy" / "proxy.pt")
     base, _ = load_checkpoint(base_checkpoint)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values()))

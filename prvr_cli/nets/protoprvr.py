@@ -18,7 +18,9 @@ and every span mean then inherits context and position from the clips it covers.
 
 What a prototype stores is the last round's output (`prototype_readout`): the block's output, its attention read-out
 alone, or ("input") that attention applied to the unit-length input frame features, so the prototypes are weighted
-means of real frame features and the queries are mapped into the input feature space.
+means of real frame features and the queries are mapped into the input feature space. With `subtract_video_mean`
+each such prototype then loses a learned share of its video's mean unit frame: what every moment of the video
+shares (its setting, in a real video) says little about which moment a query describes.
 
 Score per branch: max over the video's prototypes of cosine similarity; final score
 `clip_weight * s_clip + frame_weight * s_frame` (0.7 / 0.3 by default, the MS-SL / GMMFormer
@@ -64,7 +66,7 @@ from ..errors import UsageError
 from .config import BranchModelConfig, Settings
 from .retrieval_losses import infonce_loss, triplet_loss
 from .layers import (AttentionPool, InputProjection, LearnedPositions, downsample_frames, encode_with_key_bias,
-                     span_means, span_to_token, uniform_bins)
+                     span_index, span_means, span_to_token, uniform_bins)
 from .msc_losses import angle_distillation, cross_branch_alignment, distance_distillation, last_valid_token
 from .token_merge import merge_schedule, order_preserving_merge
 from .retrieval import QueryEncoding, RetrievalModel, TrainBatch, VideoEncoding
@@ -112,6 +114,11 @@ class ProtoPRVRConfig(BranchModelConfig):
     negative_memory: int = 0            # > 0: the prototypes of this many earlier batches join InfoNCE as negatives
     negative_memory_start_epoch: int = 0    # the memory's negatives count from this epoch on (0-based; XBM's warm-up)
     nce_video_to_text: bool = True      # False: InfoNCE ranks videos for each query only (as the linear probe)
+    temporal_prior: bool = False        # each prototype also prefers keys near a learned place in the video (a
+                                        # Gaussian bias on its attention logits, anchors spread evenly at the start)
+    temporal_prior_width: float = 0.05  # the prior's initial standard deviation, in video lengths (learned)
+    subtract_video_mean: bool = False   # "input" read-out only: each stored prototype loses a learned share (one per
+                                        # branch, from 0) of its video's mean unit frame, what all its moments share
 
     def __post_init__(self):
         if self.negative_memory < 0:
@@ -127,9 +134,16 @@ class ProtoPRVRConfig(BranchModelConfig):
                              "use 'block', 'attention' or 'input'")
         if self.query_encoder not in ("attention", "mean"):
             raise UsageError(f"model.query_encoder {self.query_encoder!r} is not supported; use 'attention' or 'mean'")
+        if self.subtract_video_mean and self.prototype_readout != "input":
+            raise UsageError("model.subtract_video_mean needs model.prototype_readout 'input' (it subtracts a share of "
+                             "the mean input frame)")
         if self.prototype_readout == "input" and self.query_encoder != "mean":
             raise UsageError("model.prototype_readout 'input' needs model.query_encoder 'mean' (its queries are mapped "
                              "into the input feature space)")
+        if self.temporal_prior and self.clip_tokens != "uniform":
+            raise UsageError("model.temporal_prior needs model.clip_tokens 'uniform' (merged clips have no fixed place)")
+        if self.temporal_prior and not self.temporal_prior_width > 0:
+            raise UsageError(f"model.temporal_prior_width must be > 0, got {self.temporal_prior_width}")
         if self.clip_tokens not in ("uniform", "merged"):
             raise UsageError(f"model.clip_tokens {self.clip_tokens!r} is not supported; use 'uniform' or 'merged'")
         if self.clip_tokens == "merged" and self.max_frames < self.n_clips:
@@ -154,7 +168,7 @@ class CrossAttentionBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, queries, keys, key_mask=None, spans: bool = False, competitive: bool = False,
-                readout: bool = False):
+                readout: bool = False, bias: torch.Tensor | None = None):
         """Attend from `queries` [B, Nq, D] to `keys` [B, Nk, D].
 
         With `readout=True` the first output is the attention read-out alone (the output projection of
@@ -169,6 +183,8 @@ class CrossAttentionBlock(nn.Module):
         spans. Projecting keys and values is linear (and the span means are convex), so the model
         projects the few clip tokens and then takes span means of the projections: the same result as
         projecting all 528 spans, for a fraction of the work.
+
+        `bias` [B or 1, Nq, Nk], when given, is added to every head's attention logits.
         """
         n_batch, n_queries, dim = queries.shape
         heads, head_dim = self.attn.num_heads, dim // self.attn.num_heads
@@ -179,6 +195,8 @@ class CrossAttentionBlock(nn.Module):
             k, v = span_means(k), span_means(v)
         split = lambda t: t.view(n_batch, t.shape[1], heads, head_dim).transpose(1, 2)  # noqa: E731
         scores = split(F.linear(queries, w_q, b_q)) @ split(k).transpose(-1, -2) / head_dim ** 0.5
+        if bias is not None:
+            scores = scores + bias[:, None].to(scores.dtype)
         if key_mask is not None:
             scores = scores.masked_fill(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
         if competitive:
@@ -205,7 +223,7 @@ class PrototypeGenerator(nn.Module):
     """
 
     def __init__(self, n_prototypes: int, dim: int, heads: int, ff_dim: int, iterations: int, dropout: float,
-                 competitive: bool = False, readout: bool = False):
+                 competitive: bool = False, readout: bool = False, prior_width: float | None = None):
         super().__init__()
         if iterations < 1 or n_prototypes < 1:
             raise UsageError(f"protoprvr needs n_prototypes >= 1 and iterations >= 1, "
@@ -215,14 +233,26 @@ class PrototypeGenerator(nn.Module):
         self.iterations = iterations
         self.competitive = competitive
         self.readout = readout     # the last round returns its attention read-out (see CrossAttentionBlock)
+        if prior_width is not None:    # temporal prior: an anchor and a width per prototype, both learned
+            self.anchor = nn.Parameter((torch.arange(n_prototypes, dtype=torch.float32) + 0.5) / n_prototypes)
+            self.log_width = nn.Parameter(torch.full((n_prototypes,), float(prior_width)).log())
+        self.has_prior = prior_width is not None
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None,
-                spans: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """With `spans=True` the tokens are clip tokens and the prototypes attend over all their spans."""
+    def temporal_bias(self, places: torch.Tensor) -> torch.Tensor:
+        """Logit bias [B, P, N] of each prototype for keys at `places` [B, N] (fractions of the video's length):
+        -(place - anchor)^2 / (2 width^2), a Gaussian window around the prototype's anchor."""
+        width = self.log_width.exp()[None, :, None]
+        return -((places[:, None, :] - self.anchor[None, :, None]) ** 2) / (2 * width ** 2)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None, spans: bool = False,
+                places: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """With `spans=True` the tokens are clip tokens and the prototypes attend over all their spans.
+        With a temporal prior, `places` [B or 1, N] gives each key's centre as a fraction of the video's length."""
         x = self.init.to(tokens.dtype).unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        bias = self.temporal_bias(places) if self.has_prior else None
         for round_ in range(self.iterations):
             last = round_ == self.iterations - 1
-            x, attn = self.block(x, tokens, mask, spans, self.competitive, self.readout and last)
+            x, attn = self.block(x, tokens, mask, spans, self.competitive, self.readout and last, bias)
         return x, attn
 
 
@@ -301,7 +331,8 @@ class ProtoPRVR(RetrievalModel):
 
         def prototypes():
             return PrototypeGenerator(n_prototypes, hidden, heads, ff_dim, iterations, dropout,
-                                      cfg.prototype_attention == "competitive", cfg.prototype_readout != "block")
+                                      cfg.prototype_attention == "competitive", cfg.prototype_readout != "block",
+                                      cfg.temporal_prior_width if cfg.temporal_prior else None)
 
         # video branches
         self.frame_proj = InputProjection(video_dim, hidden, dropout)
@@ -312,6 +343,8 @@ class ProtoPRVR(RetrievalModel):
         self.clip_pos = LearnedPositions(self.n_clips, hidden, dropout)
         self.clip_encoder, self.clip_prototypes = mixing(), prototypes()
         self.register_buffer("span_to_clip", span_to_token(self.n_clips), persistent=False)
+        starts, ends = span_index(self.n_clips)   # each span's centre, a fraction of the video's length
+        self.register_buffer("span_places", ((starts + ends + 1) / (2 * self.n_clips))[None].float(), persistent=False)
         # query
         self.query_proj = InputProjection(text_dim, hidden, dropout)
         self.query_pos = LearnedPositions(self.max_words, hidden, dropout)
@@ -319,6 +352,8 @@ class ProtoPRVR(RetrievalModel):
         self.query_pool = nn.ModuleDict({b: AttentionPool(hidden) for b in BRANCHES})
         if cfg.prototype_readout == "input":   # stored prototypes live in the input feature space
             self.output_dim = video_dim
+        if cfg.subtract_video_mean:    # per branch, the share of the video's mean unit frame taken off its prototypes
+            self.video_mean_share = nn.ParameterDict({b: nn.Parameter(torch.zeros(())) for b in BRANCHES})
         if cfg.query_encoder == "mean":   # replaces the encoder and pools above when encoding queries
             self.query_mean = nn.ModuleDict({b: nn.Linear(text_dim, self.output_dim) for b in BRANCHES})
         # cross-modal masked reconstruction decoder: cross-attend to p*, then self-attend
@@ -372,19 +407,26 @@ class ProtoPRVR(RetrievalModel):
         tok = {"frames": x_frames, "frame_mask": token_mask, "frame_pool": pool, "clips": x_clips, "clip_bins": bins}
         if self.cfg.prototype_readout == "input":   # what the stored prototypes average: the unit input frames
             tok["inputs"] = F.normalize(frames, dim=-1)
+            tok["input_mean"] = tok["inputs"].sum(1, keepdim=True) / lengths.clamp(min=1).view(-1, 1, 1)
         return tok
 
     def _prototypes(self, tok: dict) -> tuple[VideoEncoding, dict]:
         """Per branch, the prototypes attend over the tokens (the clip branch: over every span of its clips).
         Returns the stored prototypes and, per branch, the prototypes in the hidden space (the same ones unless
         the read-out is "input": then the stored ones are the attention's weighted means of the unit input frames)."""
-        frame_protos, attn = self.frame_prototypes(tok["frames"], tok["frame_mask"])
+        mask = tok["frame_mask"]
+        n_tokens = mask.sum(1, keepdim=True).clamp(min=1)
+        frame_places = (torch.arange(mask.shape[1], device=mask.device)[None] + 0.5) / n_tokens
+        frame_protos, attn = self.frame_prototypes(tok["frames"], mask, places=frame_places)
         frame_attn = attn @ tok["frame_pool"]
-        clip_protos, attn = self.clip_prototypes(tok["clips"], None, spans=True)  # attends over all 528 spans
+        clip_protos, attn = self.clip_prototypes(tok["clips"], None, spans=True, places=self.span_places)  # 528 spans
         clip_attn = (attn @ self.span_to_clip.to(attn.dtype)) @ tok["clip_bins"]
         hidden = {"clip": clip_protos, "frame": frame_protos}
         if self.cfg.prototype_readout == "input":
             clip_protos, frame_protos = clip_attn @ tok["inputs"], frame_attn @ tok["inputs"]
+            if self.cfg.subtract_video_mean:    # attention rows sum to one: the same as averaging frames minus the share
+                clip_protos = clip_protos - self.video_mean_share["clip"] * tok["input_mean"]
+                frame_protos = frame_protos - self.video_mean_share["frame"] * tok["input_mean"]
         all_true = torch.ones(clip_protos.shape[:2], dtype=torch.bool, device=clip_protos.device)
         return VideoEncoding(clip_protos, all_true, frame_protos, all_true.clone(), clip_attn, frame_attn), hidden
 

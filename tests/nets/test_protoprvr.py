@@ -660,3 +660,52 @@ def test_negative_memory_fills_during_its_warm_up_but_counts_only_from_its_start
     assert len(model.memory.entries) == 2                                                 # filled: yes
     later = tiny_batch(seed=1, epoch=1)
     assert model(later)[1]["nce"] > plain(later)[1]["nce"] + 1e-4                         # extra negatives now
+
+
+def test_subtract_video_mean_takes_a_learned_share_of_the_mean_unit_frame_off_each_prototype():
+    """subtract_video_mean: prototype = attention @ unit frames - share[branch] * mean unit frame of the video; the
+    shares start at 0 (the plain input read-out), learn from the scores, and need the input read-out."""
+    plain = tiny_model(prototype_readout="input", query_encoder="mean").eval()
+    model = tiny_model(prototype_readout="input", query_encoder="mean", subtract_video_mean=True).eval()
+    batch = tiny_batch()
+    assert torch.allclose(model.encode_videos(batch.frames, batch.frame_mask).clip,
+                          plain.encode_videos(batch.frames, batch.frame_mask).clip)
+    with torch.no_grad():
+        model.video_mean_share["clip"].fill_(0.5)
+        model.video_mean_share["frame"].fill_(-0.25)
+    enc = model.encode_videos(batch.frames, batch.frame_mask)
+    unit = torch.nn.functional.normalize(batch.frames.masked_fill(~batch.frame_mask[..., None], 0.0), dim=-1)
+    mean = torch.stack([unit[i, batch.frame_mask[i]].mean(0) for i in range(len(unit))])[:, None]
+    assert torch.allclose(enc.clip, enc.clip_attn @ unit - 0.5 * mean, atol=1e-6)
+    assert torch.allclose(enc.frame, enc.frame_attn @ unit + 0.25 * mean, atol=1e-6)
+    trained = tiny_model(prototype_readout="input", query_encoder="mean", subtract_video_mean=True,
+                         losses={"nce": 1.0, "triplet": 1.0})
+    trained(batch)[0].backward()
+    assert all(share.grad is not None and share.grad != 0 for share in trained.video_mean_share.values())
+    with pytest.raises(UsageError, match="subtract_video_mean"):
+        tiny_model(subtract_video_mean=True)
+
+
+def test_temporal_prior_adds_a_gaussian_window_around_each_prototypes_anchor_to_its_logits():
+    """temporal_prior: logit bias -(place - anchor)^2 / (2 width^2); anchors start evenly spread over the video,
+    widths at temporal_prior_width; both learn; a narrow window pins a prototype's attention near its anchor."""
+    model = tiny_model(temporal_prior=True, temporal_prior_width=0.01).eval()
+    gen = model.frame_prototypes
+    n = len(gen.anchor)
+    assert torch.allclose(gen.anchor, (torch.arange(n) + 0.5) / n) and torch.allclose(gen.log_width.exp(), 0.01 * torch.ones(n))
+    places = torch.tensor([[0.1, 0.5, 0.9]])
+    expected = -((places[:, None, :] - gen.anchor[None, :, None]) ** 2) / (2 * 0.01 ** 2)
+    assert torch.allclose(gen.temporal_bias(places), expected)
+    batch = tiny_batch()
+    enc = model.encode_videos(batch.frames, batch.frame_mask)
+    video = 1                                          # a video with fewer frames than max_frames: one token a frame
+    length = int(batch.frame_mask[video].sum())
+    peak = enc.frame_attn[video].argmax(-1).float()
+    nearest = (gen.anchor.detach() * length - 0.5).clamp(0, length - 1)    # the frame index at the anchor
+    assert ((peak - nearest).abs() <= 0.5).all()
+    trained = tiny_model(temporal_prior=True, losses={"nce": 1.0, "triplet": 1.0})
+    trained(batch)[0].backward()
+    for branch in (trained.frame_prototypes, trained.clip_prototypes):
+        assert branch.anchor.grad is not None and branch.log_width.grad is not None
+    with pytest.raises(UsageError, match="temporal_prior"):
+        tiny_model(temporal_prior=True, clip_tokens="merged")

@@ -20,7 +20,9 @@ What a prototype stores is the last round's output (`prototype_readout`): the bl
 alone, or ("input") that attention applied to the unit-length input frame features, so the prototypes are weighted
 means of real frame features and the queries are mapped into the input feature space. With `subtract_video_mean`
 each such prototype then loses a learned share of its video's mean unit frame: what every moment of the video
-shares (its setting, in a real video) says little about which moment a query describes.
+shares (its setting, in a real video) says little about which moment a query describes. With `temporal_prior`
+each prototype also has a learned place and width in the video, a Gaussian bias on its attention logits, so the
+prototypes spread over time instead of gathering on the same frames.
 
 Score per branch: max over the video's prototypes of cosine similarity; final score
 `clip_weight * s_clip + frame_weight * s_frame` (0.7 / 0.3 by default, the MS-SL / GMMFormer
@@ -407,16 +409,17 @@ class ProtoPRVR(RetrievalModel):
         tok = {"frames": x_frames, "frame_mask": token_mask, "frame_pool": pool, "clips": x_clips, "clip_bins": bins}
         if self.cfg.prototype_readout == "input":   # what the stored prototypes average: the unit input frames
             tok["inputs"] = F.normalize(frames, dim=-1)
-            tok["input_mean"] = tok["inputs"].sum(1, keepdim=True) / lengths.clamp(min=1).view(-1, 1, 1)
+            if self.cfg.subtract_video_mean:
+                tok["input_mean"] = tok["inputs"].sum(1, keepdim=True) / lengths.clamp(min=1).view(-1, 1, 1)
         return tok
 
     def _prototypes(self, tok: dict) -> tuple[VideoEncoding, dict]:
         """Per branch, the prototypes attend over the tokens (the clip branch: over every span of its clips).
         Returns the stored prototypes and, per branch, the prototypes in the hidden space (the same ones unless
         the read-out is "input": then the stored ones are the attention's weighted means of the unit input frames)."""
-        mask = tok["frame_mask"]
-        n_tokens = mask.sum(1, keepdim=True).clamp(min=1)
-        frame_places = (torch.arange(mask.shape[1], device=mask.device)[None] + 0.5) / n_tokens
+        mask, frame_places = tok["frame_mask"], None
+        if self.cfg.temporal_prior:   # each frame token's centre, a fraction of the video's length
+            frame_places = (torch.arange(mask.shape[1], device=mask.device)[None] + 0.5) / mask.sum(1, keepdim=True).clamp(min=1)
         frame_protos, attn = self.frame_prototypes(tok["frames"], mask, places=frame_places)
         frame_attn = attn @ tok["frame_pool"]
         clip_protos, attn = self.clip_prototypes(tok["clips"], None, spans=True, places=self.span_places)  # 528 spans

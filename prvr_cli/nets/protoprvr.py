@@ -70,7 +70,7 @@ from .retrieval_losses import infonce_loss, triplet_loss
 from .layers import (AttentionPool, InputProjection, LearnedPositions, downsample_frames, encode_with_key_bias,
                      span_index, span_means, span_to_token, uniform_bins)
 from .msc_losses import angle_distillation, cross_branch_alignment, distance_distillation, last_valid_token
-from .token_merge import merge_schedule, order_preserving_merge
+from .token_merge import merge_schedule, order_preserving_merge, span_centres
 from .retrieval import QueryEncoding, RetrievalModel, TrainBatch, VideoEncoding
 
 BRANCHES = ("clip", "frame")
@@ -142,8 +142,6 @@ class ProtoPRVRConfig(BranchModelConfig):
         if self.prototype_readout == "input" and self.query_encoder != "mean":
             raise UsageError("model.prototype_readout 'input' needs model.query_encoder 'mean' (its queries are mapped "
                              "into the input feature space)")
-        if self.temporal_prior and self.clip_tokens != "uniform":
-            raise UsageError("model.temporal_prior needs model.clip_tokens 'uniform' (merged clips have no fixed place)")
         if self.temporal_prior and not self.temporal_prior_width > 0:
             raise UsageError(f"model.temporal_prior_width must be > 0, got {self.temporal_prior_width}")
         if self.clip_tokens not in ("uniform", "merged"):
@@ -347,6 +345,7 @@ class ProtoPRVR(RetrievalModel):
         self.register_buffer("span_to_clip", span_to_token(self.n_clips), persistent=False)
         starts, ends = span_index(self.n_clips)   # each span's centre, a fraction of the video's length
         self.register_buffer("span_places", ((starts + ends + 1) / (2 * self.n_clips))[None].float(), persistent=False)
+        self.register_buffer("span_bounds", torch.stack([starts, ends]), persistent=False)   # first and last clip
         # query
         self.query_proj = InputProjection(text_dim, hidden, dropout)
         self.query_pos = LearnedPositions(self.max_words, hidden, dropout)
@@ -401,12 +400,16 @@ class ProtoPRVR(RetrievalModel):
             x_clips = self.clip_pos(self.clip_proj(clip_in))
             if self.clip_encoder is not None:
                 x_clips = encode_with_key_bias(self.clip_encoder, x_clips, sizes.log())
+            if self.cfg.temporal_prior:   # merged clips differ in length: each video has its own span centres
+                span_places = span_centres(sizes, *self.span_bounds)
         else:
             bins = uniform_bins(lengths, self.n_clips, n_frames).to(frames.dtype)
             x_clips = self.clip_pos(self.clip_proj(bins @ frames))
             if self.clip_encoder is not None:
                 x_clips = self.clip_encoder(x_clips)
         tok = {"frames": x_frames, "frame_mask": token_mask, "frame_pool": pool, "clips": x_clips, "clip_bins": bins}
+        if self.cfg.temporal_prior:
+            tok["span_places"] = span_places if self.cfg.clip_tokens == "merged" else self.span_places
         if self.cfg.prototype_readout == "input":   # what the stored prototypes average: the unit input frames
             tok["inputs"] = F.normalize(frames, dim=-1)
             if self.cfg.subtract_video_mean:
@@ -422,7 +425,7 @@ class ProtoPRVR(RetrievalModel):
             frame_places = (torch.arange(mask.shape[1], device=mask.device)[None] + 0.5) / mask.sum(1, keepdim=True).clamp(min=1)
         frame_protos, attn = self.frame_prototypes(tok["frames"], mask, places=frame_places)
         frame_attn = attn @ tok["frame_pool"]
-        clip_protos, attn = self.clip_prototypes(tok["clips"], None, spans=True, places=self.span_places)  # 528 spans
+        clip_protos, attn = self.clip_prototypes(tok["clips"], None, spans=True, places=tok.get("span_places"))
         clip_attn = (attn @ self.span_to_clip.to(attn.dtype)) @ tok["clip_bins"]
         hidden = {"clip": clip_protos, "frame": frame_protos}
         if self.cfg.prototype_readout == "input":

@@ -47,6 +47,13 @@ def merge_adjacent_pairs(tokens: torch.Tensor, sizes: torch.Tensor, frame_map: t
     return out, slot_sizes.gather(1, keep), new_index.gather(1, frame_map)
 
 
+def span_centres(sizes: torch.Tensor, first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """Centre [B, S] of each span of merged tokens (tokens first..last), as a fraction of the frames merged:
+    midway from the start of its first token's frames to the end of its last token's (merging keeps order)."""
+    ends = sizes.cumsum(-1)
+    return ((ends - sizes)[:, first] + ends[:, last]) / (2 * ends[:, -1:])
+
+
 def merge_schedule(n_tokens: int, target: int) -> tuple[int, ...]:
     """MSC's 128 -> 80 -> 52 -> 32; for other lengths, steps keeping about 5/8 of the tokens (an even count)."""
     if (n_tokens, target) == (128, 32):

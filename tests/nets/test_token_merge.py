@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prvr_cli.nets.token_merge import merge_adjacent_pairs, order_preserving_merge
+from prvr_cli.nets.layers import span_index
+from prvr_cli.nets.token_merge import merge_adjacent_pairs, order_preserving_merge, span_centres
 
 
 def direct_merge(x, sizes, frame_map, target):
@@ -119,3 +120,18 @@ def test_redundancy_decides_how_many_clips_the_alignment_uses():
     assert omega[0] == 1.0 and omega[1] < 0.2
     assert adaptive_clip_count(torch.tensor([1.0, 0.8, 0.79, 0.6, 0.45, 0.2, 0.19, 0.0])).tolist() == \
         [5, 5, 8, 8, 12, 20, 32, 32]
+
+
+def test_span_centres_are_the_middle_of_the_frames_each_span_of_merged_tokens_covers():
+    torch.manual_seed(1)
+    frames = torch.randn(2, 16, 6)
+    _, sizes, frame_map = order_preserving_merge(frames, (10, 6, 4))
+    first, last = span_index(4)
+    centres = span_centres(sizes, first, last)
+    for b in range(2):
+        for s in range(len(first)):
+            covered = [f for f in range(16) if first[s] <= frame_map[b, f] <= last[s]]   # contiguous: order kept
+            assert covered == list(range(covered[0], covered[-1] + 1))
+            assert centres[b, s].item() == pytest.approx((covered[0] + covered[-1] + 1) / 32)
+    equal = span_centres(torch.ones(1, 4), first, last)       # equal tokens: the uniform clips' span centres
+    assert torch.allclose(equal[0], (first + last + 1) / 8)

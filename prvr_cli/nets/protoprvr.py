@@ -118,7 +118,8 @@ class ProtoPRVRConfig(BranchModelConfig):
     nce_video_to_text: bool = True      # False: InfoNCE ranks videos for each query only (as the linear probe)
     temporal_prior: bool = False        # each prototype also prefers keys near a learned place in the video (a
                                         # Gaussian bias on its attention logits, anchors spread evenly at the start)
-    temporal_prior_width: float = 0.05  # the prior's initial standard deviation, in video lengths (learned)
+    temporal_prior_width: float = 1.5   # the prior's initial standard deviation (learned), in spacings of the
+                                        # anchors (1 / n_prototypes): 0.05 of the video at 30, no gaps at fewer
     subtract_video_mean: bool = False   # "input" read-out only: each stored prototype loses a learned share (one per
                                         # branch, from 0) of its video's mean unit frame, what all its moments share
 
@@ -332,7 +333,7 @@ class ProtoPRVR(RetrievalModel):
         def prototypes():
             return PrototypeGenerator(n_prototypes, hidden, heads, ff_dim, iterations, dropout,
                                       cfg.prototype_attention == "competitive", cfg.prototype_readout != "block",
-                                      cfg.temporal_prior_width if cfg.temporal_prior else None)
+                                      cfg.temporal_prior_width / cfg.n_prototypes if cfg.temporal_prior else None)
 
         # video branches
         self.frame_proj = InputProjection(video_dim, hidden, dropout)

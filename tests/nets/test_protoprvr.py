@@ -688,8 +688,9 @@ def test_subtract_video_mean_takes_a_learned_share_of_the_mean_unit_frame_off_ea
 
 def test_temporal_prior_adds_a_gaussian_window_around_each_prototypes_anchor_to_its_logits():
     """temporal_prior: logit bias -(place - anchor)^2 / (2 width^2); anchors start evenly spread over the video,
-    widths at temporal_prior_width; both learn; a narrow window pins a prototype's attention near its anchor."""
-    model = tiny_model(temporal_prior=True, temporal_prior_width=0.01).eval()
+    widths at temporal_prior_width anchor spacings; both learn; a narrow window pins a prototype's attention near
+    its anchor."""
+    model = tiny_model(temporal_prior=True, temporal_prior_width=0.05).eval()    # 5 prototypes: 0.01 of the video
     gen = model.frame_prototypes
     n = len(gen.anchor)
     assert torch.allclose(gen.anchor, (torch.arange(n) + 0.5) / n) and torch.allclose(gen.log_width.exp(), 0.01 * torch.ones(n))

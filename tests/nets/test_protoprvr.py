@@ -342,6 +342,9 @@ def test_presets_load(preset, nce, iterations, temperature):
     default = preset == "protoprvr_anet"
     assert (m.get("negative_memory", 0), m.get("negative_memory_start_epoch", 0), m.get("nce_video_to_text", True),
             config["train"]["schedule"]) == ((4, 1, False, "cooldown") if default else (0, 0, True, "linear"))
+    # and each of its prototypes has a learned place in the video (the temporal prior, twelfth and thirteenth
+    # sessions); the papers' prototypes attend by content alone
+    assert (m.get("temporal_prior", False), m.get("temporal_prior_width", 1.5)) == (default, 1.5)
 
 
 def test_checkpoint_round_trip(tmp_path):

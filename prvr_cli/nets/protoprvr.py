@@ -344,9 +344,10 @@ class ProtoPRVR(RetrievalModel):
         self.clip_pos = LearnedPositions(self.n_clips, hidden, dropout)
         self.clip_encoder, self.clip_prototypes = mixing(), prototypes()
         self.register_buffer("span_to_clip", span_to_token(self.n_clips), persistent=False)
-        starts, ends = span_index(self.n_clips)   # each span's centre, a fraction of the video's length
-        self.register_buffer("span_places", ((starts + ends + 1) / (2 * self.n_clips))[None].float(), persistent=False)
-        self.register_buffer("span_bounds", torch.stack([starts, ends]), persistent=False)   # first and last clip
+        self.register_buffer("span_bounds", torch.stack(span_index(self.n_clips)), persistent=False)  # first, last clip
+        # each span's centre over equal clips, a fraction of the video's length (merged clips: per video, below)
+        self.register_buffer("span_places", span_centres(torch.ones(1, self.n_clips), *self.span_bounds),
+                             persistent=False)
         # query
         self.query_proj = InputProjection(text_dim, hidden, dropout)
         self.query_pos = LearnedPositions(self.max_words, hidden, dropout)
@@ -401,16 +402,15 @@ class ProtoPRVR(RetrievalModel):
             x_clips = self.clip_pos(self.clip_proj(clip_in))
             if self.clip_encoder is not None:
                 x_clips = encode_with_key_bias(self.clip_encoder, x_clips, sizes.log())
-            if self.cfg.temporal_prior:   # merged clips differ in length: each video has its own span centres
-                span_places = span_centres(sizes, *self.span_bounds)
+            span_places = span_centres(sizes, *self.span_bounds)   # merged clips differ in length: per video
         else:
             bins = uniform_bins(lengths, self.n_clips, n_frames).to(frames.dtype)
             x_clips = self.clip_pos(self.clip_proj(bins @ frames))
             if self.clip_encoder is not None:
                 x_clips = self.clip_encoder(x_clips)
-        tok = {"frames": x_frames, "frame_mask": token_mask, "frame_pool": pool, "clips": x_clips, "clip_bins": bins}
-        if self.cfg.temporal_prior:
-            tok["span_places"] = span_places if self.cfg.clip_tokens == "merged" else self.span_places
+            span_places = self.span_places
+        tok = {"frames": x_frames, "frame_mask": token_mask, "frame_pool": pool, "clips": x_clips, "clip_bins": bins,
+               "span_places": span_places}
         if self.cfg.prototype_readout == "input":   # what the stored prototypes average: the unit input frames
             tok["inputs"] = F.normalize(frames, dim=-1)
             if self.cfg.subtract_video_mean:
@@ -426,7 +426,7 @@ class ProtoPRVR(RetrievalModel):
             frame_places = (torch.arange(mask.shape[1], device=mask.device)[None] + 0.5) / mask.sum(1, keepdim=True).clamp(min=1)
         frame_protos, attn = self.frame_prototypes(tok["frames"], mask, places=frame_places)
         frame_attn = attn @ tok["frame_pool"]
-        clip_protos, attn = self.clip_prototypes(tok["clips"], None, spans=True, places=tok.get("span_places"))
+        clip_protos, attn = self.clip_prototypes(tok["clips"], None, spans=True, places=tok["span_places"])
         clip_attn = (attn @ self.span_to_clip.to(attn.dtype)) @ tok["clip_bins"]
         hidden = {"clip": clip_protos, "frame": frame_protos}
         if self.cfg.prototype_readout == "input":
